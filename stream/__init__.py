@@ -1,0 +1,1 @@
+"""The streaming half of promo-stream: events in, state, decisions out."""

@@ -1,0 +1,294 @@
+"""`promo`: the command line of promo-stream. Every subcommand has ``--help``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from deploy.kafka import launcher
+from encoder.cli import evaluate, train
+from stream import logs
+from stream.config import ConfigError, Settings, as_toml, load_settings
+
+DEFAULT_BROKER_DIR = Path(".promo/broker")
+
+
+class Context:
+    """What every subcommand shares: the settings, loaded once from file and environment."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.config_path)
+            except ConfigError as exc:
+                raise click.ClickException(str(exc)) from exc
+        return self._settings
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--config", "config_path", envvar="PROMO_CONFIG", type=click.Path(dir_okay=False),
+              help="TOML settings file (sections kafka, worker, contract, replay).")
+@click.option("--log-level", default=None, help="debug, info, warning or error "
+              "[default: worker.log_level]")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="json writes one JSON object per line [default: worker.log_format]")
+@click.version_option(package_name="promo-stream")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str | None,
+         log_format: str | None) -> None:
+    """promo-stream: real-time personalised coupons and push notifications from Kafka events.
+
+    \b
+    Typical session:
+      promo broker start          # a local Kafka (KRaft) broker as a JVM process
+      promo worker                # consume events, keep state, publish decisions
+      promo replay instacart      # replay a real dataset as events
+      promo broker stop
+    Settings come from --config FILE, then PROMO_<SECTION>_<FIELD> variables;
+    `promo config` prints the effective values.
+    """
+    context = Context(config_path)
+    ctx.obj = context
+    if ctx.invoked_subcommand in ("config",):
+        return
+    settings = context.settings
+    logs.configure(log_level or settings.worker.log_level, log_format or settings.worker.log_format)
+
+
+@main.command("config")
+@pass_context
+def show_config(context: Context) -> None:
+    """Print the effective settings as TOML (secrets masked)."""
+    click.echo(as_toml(context.settings), nl=False)
+
+
+@main.group()
+def broker() -> None:
+    """Run a local Apache Kafka (KRaft) broker or 3-node cluster as JVM processes."""
+
+
+def _data_dir_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=DEFAULT_BROKER_DIR,
+                        help="Directory holding the cluster's config, logs and data.")(f)
+
+
+@broker.command("install")
+def broker_install() -> None:
+    """Resolve Kafka's jars with Maven into the cache (no-op when cached)."""
+    try:
+        libs = launcher.ensure_jars()
+    except launcher.BrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"kafka {launcher.kafka_version()} jars: {libs}", err=True)
+
+
+@broker.command("start")
+@_data_dir_option
+@click.option("--nodes", type=click.Choice(["1", "3"]), default="1",
+              help="1 for development; 3 for replication factor 3 on one machine.")
+@click.option("--port", type=int, default=None,
+              help="Client port of a single node [default: 9092 if free, else any free port].")
+@click.option("--controller-port", type=int, default=None, help="KRaft controller port.")
+@click.option("--heap", default="512m", help="JVM -Xmx per node.")
+@click.option("--timeout", type=float, default=90.0, help="Seconds to wait for readiness.")
+def broker_start(data_dir: Path, nodes: str, port: int | None, controller_port: int | None,
+                 heap: str, timeout: float) -> None:
+    """Start the broker(s) and wait until ready; print the bootstrap servers on stdout."""
+    n = int(nodes)
+    if n == 1 and port is None and launcher.Cluster.load(data_dir) is None:
+        port = 9092 if _port_free(9092) else None
+    try:
+        cluster = launcher.start(data_dir, nodes=n, broker_port=port,
+                                 controller_port=controller_port, heap=heap, timeout=timeout)
+    except launcher.BrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"kafka {launcher.kafka_version()} ready: {n} node(s), data in "
+               f"{cluster.data_dir}", err=True)
+    click.echo(cluster.bootstrap_servers)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@broker.command("stop")
+@_data_dir_option
+@click.option("--timeout", type=float, default=30.0, help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--purge", is_flag=True, help="Also delete the data directory.")
+def broker_stop(data_dir: Path, timeout: float, purge: bool) -> None:
+    """Stop the broker(s): SIGTERM, then SIGKILL after --timeout."""
+    was_running = launcher.stop(data_dir, timeout=timeout)
+    if purge and data_dir.exists():
+        import shutil
+
+        shutil.rmtree(data_dir)
+    click.echo("stopped" if was_running else "not running", err=True)
+
+
+@broker.command("status")
+@_data_dir_option
+def broker_status(data_dir: Path) -> None:
+    """Show each node's pid, ports and whether it runs; exit 1 if any node is down."""
+    cluster = launcher.status(data_dir)
+    if cluster is None:
+        click.echo(f"no cluster in {data_dir}")
+        sys.exit(1)
+    alive = cluster.alive()
+    for node in cluster.nodes:
+        state = "running" if alive[node.node_id] else "stopped"
+        click.echo(f"node {node.node_id}: {state:8} pid={cluster.pids.get(node.node_id, '-')} "
+                   f"broker=127.0.0.1:{node.broker_port} "
+                   f"controller=127.0.0.1:{node.controller_port}")
+    click.echo(f"bootstrap servers: {cluster.bootstrap_servers}")
+    if not all(alive.values()):
+        sys.exit(1)
+
+
+main.add_command(train)
+main.add_command(evaluate)
+
+
+@main.command("worker")
+@click.option("--bootstrap-servers", default=None,
+              help="Kafka bootstrap servers [default: kafka.bootstrap_servers].")
+@click.option("--metrics-port", type=int, default=None,
+              help="Port of /metrics; 0 picks a free one [default: worker.metrics_port].")
+@click.option("--data-dir", default=None,
+              help="Local state (RocksDB) directory [default: worker.data_dir].")
+@pass_context
+def worker(context: Context, bootstrap_servers: str | None, metrics_port: int | None,
+           data_dir: str | None) -> None:
+    """Consume `events`, validate them, route rejects to the dead-letter topic, and decide.
+
+    Runs until SIGINT/SIGTERM, then commits and stops cleanly.
+    """
+    from stream.runner import run_worker
+
+    run_worker(_with_overrides(context.settings, kafka={"bootstrap_servers": bootstrap_servers},
+                               worker={"metrics_port": metrics_port, "data_dir": data_dir}))
+
+
+def _with_overrides(settings: Settings, **sections: dict[str, object]) -> Settings:
+    """Settings with the command-line flags that were given (None means not given)."""
+    import dataclasses
+
+    changes = {}
+    for name, values in sections.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            changes[name] = dataclasses.replace(getattr(settings, name), **given)
+    return dataclasses.replace(settings, **changes)
+
+
+def _dataset_options(f: click.decorators.FC) -> click.decorators.FC:
+    """The ways to name interaction data, shared by every command that reads some."""
+    options = [
+        click.argument("dataset", required=False),
+        click.option("--interactions", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Any CSV of interactions instead of a named dataset."),
+        click.option("--user-col", default="user_id", help="User column of --interactions."),
+        click.option("--item-col", default="item_id", help="Item column of --interactions."),
+        click.option("--time-col", default="timestamp", help="Time column of --interactions."),
+        click.option("--type-col", default=None, help="Event-type column of --interactions."),
+        click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None, help="Where named datasets live [default: replay.datasets_dir, "
+                     "else ../shared/datasets]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load_interactions(settings: Settings, dataset: str | None, interactions: Path | None,
+                       user_col: str, item_col: str, time_col: str, type_col: str | None,
+                       datasets_dir: Path | None) -> tuple[str, list]:  # type: ignore[type-arg]
+    from encoder import data
+
+    if (dataset is None) == (interactions is None):
+        raise click.UsageError("name a DATASET or give --interactions FILE.csv (exactly one); "
+                               f"datasets: {', '.join(data.DATASET_NAMES)}")
+    try:
+        if interactions is not None:
+            return interactions.stem, data.load_interactions_csv(
+                interactions, user_col=user_col, item_col=item_col, time_col=time_col,
+                type_col=type_col)
+        assert dataset is not None
+        return dataset, data.load_dataset(dataset, datasets_dir or settings.datasets_dir())
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("replay")
+@_dataset_options
+@click.option("--limit", type=int, default=None, help="Replay only the first N events.")
+@click.option("--rate", type=float, default=None,
+              help="Events per second; 0 = as fast as possible [default: replay.rate].")
+@click.option("--clock", type=click.Choice(["now", "dataset"]), default=None,
+              help="now: stamp events at send time; dataset: keep dataset timestamps "
+                   "[default: replay.clock].")
+@click.option("--id-prefix", default=None, help="Prefix of event ids [default: dataset name].")
+@click.option("--bootstrap-servers", default=None,
+              help="Kafka bootstrap servers [default: kafka.bootstrap_servers].")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@pass_context
+def replay(context: Context, dataset: str | None, interactions: Path | None, user_col: str,
+           item_col: str, time_col: str, type_col: str | None, datasets_dir: Path | None,
+           limit: int | None, rate: float | None, clock: str | None, id_prefix: str | None,
+           bootstrap_servers: str | None, progress: bool) -> None:
+    """Replay a real dataset (or --interactions CSV) into `events`, in time order.
+
+    DATASET is one of the names in ../shared/datasets (games, beauty, ml-100k, instacart,
+    rees46). Prints the number of events produced and acknowledged by the broker.
+    """
+    import asyncio
+
+    from stream.replay import produce
+
+    settings = _with_overrides(context.settings, kafka={"bootstrap_servers": bootstrap_servers})
+    name, rows = _load_interactions(settings, dataset, interactions, user_col, item_col, time_col,
+                                    type_col, datasets_dir)
+    result = asyncio.run(produce(
+        settings.kafka, rows, id_prefix=id_prefix or name, limit=limit,
+        rate=settings.replay.rate if rate is None else rate,
+        clock=clock or settings.replay.clock, progress=progress))
+    click.echo(f"replayed {result.produced} events from {name} to "
+               f"{settings.kafka.events_topic} in {result.seconds:.1f}s "
+               f"({result.rate:,.0f} events/s)")
+
+
+@main.command("demo")
+@click.option("--dataset", default="instacart", help="Named dataset to replay.")
+@click.option("--limit", type=int, default=20_000, help="Events to replay.")
+@click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where named datasets live [default: ../shared/datasets].")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".promo/demo"), help="Scratch directory (wiped at start).")
+@click.option("--keep-running", is_flag=True, help="Leave broker and worker up until Ctrl-C.")
+@pass_context
+def demo(context: Context, dataset: str, limit: int, datasets_dir: Path | None, workdir: Path,
+         keep_running: bool) -> None:
+    """Run promo-stream end to end on a local broker with real data, then stop everything."""
+    from stream.demo import run_demo
+
+    settings = context.settings
+    name, rows = _load_interactions(settings, dataset, None, "", "", "", None, datasets_dir)
+    run_demo(settings, dataset=name, rows=rows, limit=limit, workdir=workdir.resolve(),
+             keep_running=keep_running)

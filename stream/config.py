@@ -1,0 +1,181 @@
+"""Settings: defaults here, overridden by a TOML file, overridden by the environment.
+
+One frozen dataclass per concern, gathered in :class:`Settings`. A TOML file has one table per
+section (``[kafka]``, ``[worker]``, ...), and every field can also be set from the environment
+as ``PROMO_<SECTION>_<FIELD>`` (``PROMO_KAFKA_BOOTSTRAP_SERVERS=host:9092``). The file comes
+from ``--config`` or ``PROMO_CONFIG``. Secrets (SASL password) belong in the environment or a
+file named by ``*_file`` settings, never on a command line where ``ps`` would show them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "events"
+    dlq_topic: str = "events.dlq"
+    decisions_topic: str = "decisions"
+    vectors_topic: str = "user-vectors"
+    coupons_topic: str = "coupons"
+    preferences_topic: str = "user-preferences"
+    # Partitions of `events` bound how many workers can share the load; the state changelog
+    # and `user-preferences` get the same number so a user's data stays on one worker.
+    partitions: int = 4
+    replication_factor: int = 1
+    security_protocol: str = "PLAINTEXT"  # or SASL_SSL, SASL_PLAINTEXT, SSL
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: str = ""
+    sasl_password_file: str = ""  # read at start; preferred over sasl_password
+    ssl_cafile: str = ""
+
+
+@dataclass(frozen=True)
+class ContractSettings:
+    max_record_bytes: int = 16 * 1024
+    # Events stamped further ahead than this are clock bugs or forgeries, not early arrivals.
+    max_future_skew_seconds: float = 300.0
+    # Anything older is a unit mistake (seconds sent as milliseconds) or garbage; 1990 still
+    # admits the oldest public datasets (MovieLens 100K is from 1997).
+    min_event_time_ms: int = 631_152_000_000  # 1990-01-01T00:00:00Z
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    app_id: str = "promo-stream"
+    data_dir: str = ".promo/worker"
+    processing_guarantee: str = "at_least_once"  # or exactly_once
+    batch_max_events: int = 2000
+    batch_max_seconds: float = 0.2
+    metrics_host: str = "127.0.0.1"  # localhost unless an operator opens it up
+    metrics_port: int = 9464
+    log_level: str = "info"
+    log_format: str = "text"  # or json
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    datasets_dir: str = ""  # empty: $PROMO_DATASETS_DIR, else ../shared/datasets beside the repo
+    rate: float = 0.0  # events/s; 0 = as fast as the broker takes them
+    clock: str = "now"  # now: stamp events at send time; dataset: keep the dataset's time
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    contract: ContractSettings = field(default_factory=ContractSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+
+    def datasets_dir(self) -> Path:
+        from encoder.data import default_datasets_dir
+
+        configured = self.replay.datasets_dir
+        return Path(configured) if configured else default_datasets_dir()
+
+
+class ConfigError(ValueError):
+    """A settings file or variable names an unknown field or holds a value of the wrong type."""
+
+
+S = TypeVar("S")
+
+
+def load_settings(path: str | Path | None = None,
+                  environ: Mapping[str, str] | None = None,
+                  **overrides: Mapping[str, Any]) -> Settings:
+    """Defaults, then the TOML file, then ``PROMO_*`` variables, then ``overrides`` by section."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("PROMO_CONFIG") or None
+    file_values: dict[str, Any] = {}
+    if path:
+        try:
+            file_values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+    unknown = set(file_values) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}")
+    sections: dict[str, Any] = {}
+    for section in dataclasses.fields(Settings):
+        cls = typing.get_type_hints(Settings)[section.name]
+        values = dict(file_values.get(section.name, {}))
+        prefix = f"PROMO_{section.name.upper()}_"
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, raw in environ.items():
+            if key.startswith(prefix):
+                name = key[len(prefix):].lower()
+                if name not in names:
+                    raise ConfigError(f"{key}: {cls.__name__} has no field {name!r}")
+                values[name] = raw
+        values.update(overrides.get(section.name, {}))
+        sections[section.name] = _build(cls, values, where=f"[{section.name}]")
+    return Settings(**sections)
+
+
+def _build(cls: type[S], values: Mapping[str, Any], where: str) -> S:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
+    kwargs = {name: _coerce(hints[name], value, f"{where} {name}")
+              for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None or value == "":
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("boolean where a number is expected")
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+
+
+def as_toml(settings: Settings) -> str:
+    """The effective settings as TOML (secrets masked), for `promo config`."""
+    lines: list[str] = []
+    for section in dataclasses.fields(settings):
+        lines.append(f"[{section.name}]")
+        for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
+            if "password" in name and value and not name.endswith("_file"):
+                value = "***"
+            if isinstance(value, bool):
+                rendered = "true" if value else "false"
+            elif isinstance(value, int | float):
+                rendered = repr(value)
+            else:
+                rendered = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            lines.append(f"{name} = {rendered}")
+        lines.append("")
+    return "\n".join(lines)

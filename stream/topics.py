@@ -1,0 +1,130 @@
+"""The topics promo-stream reads and writes, how to connect to Kafka, and creating topics.
+
+DESIGN §3 is the contract; this module is its configuration: partitions, compaction, retention.
+Topics keyed by user id share one partition count, so a user's events, preferences and state
+changelog land on the same partition number and therefore on the same worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from stream.config import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
+    p = kafka.partitions
+    compacted = {"cleanup.policy": "compact"}
+    return [
+        TopicSpec(kafka.events_topic, p, {"retention.ms": str(7 * DAY_MS)}),
+        # Rejected records are kept longer than events: someone has to look at them.
+        TopicSpec(kafka.dlq_topic, p, {"retention.ms": str(30 * DAY_MS)}),
+        TopicSpec(kafka.decisions_topic, p, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(kafka.vectors_topic, p, compacted),
+        TopicSpec(kafka.preferences_topic, p, compacted),
+        # Every worker reads the whole catalog, so one partition keeps it in order.
+        TopicSpec(kafka.coupons_topic, 1, compacted),
+    ]
+
+
+def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    """Connection settings shared by every aiokafka producer, consumer and admin client."""
+    kwargs: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers,
+                              "security_protocol": kafka.security_protocol}
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = ssl_context(kafka)
+    if kafka.security_protocol.startswith("SASL"):
+        kwargs.update(sasl_mechanism=kafka.sasl_mechanism,
+                      sasl_plain_username=kafka.sasl_username,
+                      sasl_plain_password=sasl_password(kafka))
+    return kwargs
+
+
+def ssl_context(kafka: KafkaSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=kafka.ssl_cafile or None)
+    return context
+
+
+def sasl_password(kafka: KafkaSettings) -> str:
+    if kafka.sasl_password_file:
+        return Path(kafka.sasl_password_file).read_text().strip()
+    return kafka.sasl_password
+
+
+async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 30.0) -> list[str]:
+    """Create any missing topic of :func:`topic_specs`; return the names created.
+
+    Existing topics are left alone, except that a partition count different from the settings
+    is an error: silently running with another count would split users' state.
+    """
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka), request_timeout_ms=int(timeout_s * 1000))
+    await admin.start()
+    try:
+        specs = topic_specs(kafka)
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        created: list[str] = []
+        if missing:
+            new = [NewTopic(s.name, s.partitions, kafka.replication_factor, topic_configs=s.config)
+                   for s in missing]
+            try:
+                response = await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
+            except TopicAlreadyExistsError:
+                response = None
+            errors = [] if response is None else [
+                (name, code, msg) for name, code, msg, *_ in response.topic_errors
+                if code not in (0, TopicAlreadyExistsError.errno)]
+            if errors:
+                raise RuntimeError(f"creating topics failed: {errors}")
+            created = [s.name for s in missing]
+            log.info("created topics", extra={"topics": created})
+        await _check_partitions(admin, [s for s in specs if s.name in existing])
+        await _wait_for_leaders(admin, [s.name for s in specs], timeout_s)
+        return created
+    finally:
+        await admin.close()
+
+
+async def _check_partitions(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    if not specs:
+        return
+    described = await admin.describe_topics([s.name for s in specs])
+    by_name = {t["topic"]: len(t["partitions"]) for t in described}
+    wrong = {s.name: (by_name.get(s.name), s.partitions) for s in specs
+             if by_name.get(s.name) != s.partitions}
+    if wrong:
+        detail = ", ".join(f"{name} has {have} (settings say {want})"
+                           for name, (have, want) in wrong.items())
+        raise RuntimeError(f"topic partition counts differ from settings: {detail}")
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
+    """New topics take a moment to get leaders; producing before that fails confusingly."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        described = await admin.describe_topics(names)
+        if all(t["error_code"] == 0 and t["partitions"]
+               and all(p["leader"] >= 0 for p in t["partitions"]) for t in described):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"topics {names} have no leaders after {timeout_s}s")
+        await asyncio.sleep(0.2)

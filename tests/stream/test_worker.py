@@ -1,0 +1,122 @@
+"""`promo worker` on the real broker: every good event counted, every bad record dead-lettered
+with the right reason, and the worker still up afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from deploy.kafka.launcher import free_port
+from encoder.data import load_dataset
+from stream.config import Settings
+from stream.events import Reason
+from stream.replay import to_events
+from tests.conftest import settings_env
+from tests.support import PromoProcess, consume_all, produce_raw, sample, scrape, wait_until
+
+pytestmark = pytest.mark.kafka
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def malformed_records() -> list[tuple[bytes | None, bytes | None, Reason]]:
+    """One or more records for every rejection reason the contract names."""
+    good = {"event_id": "bad-x", "user_id": "mallory", "type": "view", "item_id": "i",
+            "ts": now_ms()}
+
+    def body(**changes: object) -> bytes:
+        return orjson.dumps({k: v for k, v in {**good, **changes}.items() if v is not ...})
+
+    k = b"mallory"
+    return [
+        (k, b"x" * 20_000, Reason.RECORD_TOO_LARGE),
+        (k, b"{broken json", Reason.NOT_JSON),
+        (k, b"\xff\xfe\x00", Reason.NOT_JSON),
+        (k, None, Reason.NOT_JSON),
+        (k, b"[1,2,3]", Reason.NOT_AN_OBJECT),
+        (k, body(item_id=...), Reason.MISSING_FIELD),
+        (k, body(ts="yesterday"), Reason.WRONG_TYPE),
+        (k, body(user_id=7), Reason.WRONG_TYPE),
+        (k, body(price=-3), Reason.INVALID_VALUE),
+        (k, body(type="wishlist"), Reason.UNKNOWN_EVENT_TYPE),
+        (k, body(schema_version=99), Reason.UNSUPPORTED_SCHEMA_VERSION),
+        (k, body(ts=now_ms() + 86_400_000), Reason.FUTURE_TIMESTAMP),
+        (k, body(ts=12), Reason.ANCIENT_TIMESTAMP),
+        (None, body(event_id="bad-k1"), Reason.KEY_MISMATCH),
+        (b"eve", body(event_id="bad-k2"), Reason.KEY_MISMATCH),
+        (k, body(item_id="\u202e\u0000\U0001f600"), None),  # odd but valid unicode: accepted
+    ]
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[tuple[PromoProcess, int]]:
+    port = free_port()
+    env = settings_env(settings) | {"PROMO_WORKER_METRICS_PORT": str(port)}
+    proc = PromoProcess(["worker"], env, tmp_path / "worker.log")
+    try:
+        proc.wait_for_log("worker ready", timeout=120)
+        yield proc, port
+    finally:
+        assert proc.stop() == 0, proc.log_tail()
+
+
+def test_mixed_stream_good_counted_bad_dead_lettered(settings: Settings, worker) -> None:
+    proc, port = worker
+    good = list(to_events(load_dataset("rees46"), id_prefix="rees46", clock=now_ms))
+    bad = malformed_records()
+    records: list[tuple[bytes | None, bytes | None]] = []
+    for i, event in enumerate(good):  # interleave the bad among the good
+        records.append((event.user_id.encode(), event.to_json()))
+        if i % 60 == 0 and i // 60 < len(bad):
+            key, value, _ = bad[i // 60]
+            records.append((key, value))
+    assert len(records) == len(good) + len(bad)
+    asyncio.run(produce_raw(settings.kafka.bootstrap_servers, settings.kafka.events_topic,
+                            records))
+
+    rejected = [b for b in bad if b[2] is not None]
+    expected_types = Counter(e.type for e in good) + Counter({"view": 1})  # the unicode one
+
+    def all_accounted() -> bool:
+        samples = scrape(port)
+        consumed = sum(sample(samples, "promo_stream_events_consumed_total", type=t)
+                       for t in ("view", "click", "add_to_cart", "purchase"))
+        dead = sum(sample(samples, "promo_stream_records_rejected_total", reason=r.value)
+                   for r in Reason)
+        return consumed + dead >= len(records)
+
+    wait_until(all_accounted, timeout=120, what="the worker to process every record")
+    samples = scrape(port)
+    for event_type, n in expected_types.items():
+        assert sample(samples, "promo_stream_events_consumed_total", type=event_type) == n
+    expected_reasons = Counter(reason.value for _, _, reason in rejected)
+    for reason in Reason:
+        assert sample(samples, "promo_stream_records_rejected_total", reason=reason.value) == \
+            expected_reasons.get(reason.value, 0), reason
+
+    dlq = asyncio.run(consume_all(settings.kafka.bootstrap_servers, settings.kafka.dlq_topic,
+                                  expect=len(rejected)))
+    assert len(dlq) == len(rejected)
+    by_raw = {}
+    for record in dlq:
+        body = orjson.loads(record.value)
+        raw = None if body["raw"] is None else base64.b64decode(body["raw"])
+        by_raw[raw] = body
+        assert body["source"]["topic"] == settings.kafka.events_topic
+        assert body["error"]
+    for key, value, reason in rejected:
+        assert value in by_raw, f"{reason} record missing from the DLQ"
+        assert by_raw[value]["reason"] == reason.value
+        assert by_raw[value]["key"] == (None if key is None else base64.b64encode(key).decode())
+    assert proc.alive(), "the worker must survive every kind of bad input"
+    assert sample(samples, "promo_worker_up") == 1
+    assert sample(samples, "promo_worker_ready") == 1
