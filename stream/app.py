@@ -7,12 +7,15 @@ several workers can live side by side.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 
+from stream.batching import BatchingApp
 from stream.config import Settings
 from stream.events import Limits
 from stream.metrics import Metrics
@@ -49,7 +52,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     metrics = metrics or Metrics()
     kafka = settings.kafka
-    app = faust.App(settings.worker.app_id, **faust_settings(settings))
+    app = BatchingApp(settings.worker.app_id, **faust_settings(settings),
+                      batch_max_records=settings.worker.batch_max_events,
+                      batch_linger_seconds=settings.worker.batch_max_seconds)
 
     def raw_topic(name: str, partitions: int | None = None) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -68,15 +73,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
                       min_event_time_ms=contract.min_event_time_ms),
         dlq_topic=kafka.dlq_topic, send=send, metrics=metrics)
 
-    @app.agent(events_topic, name="process-events")
-    async def process_events(stream: faust.StreamT) -> None:
-        async for batch in stream.take_events(settings.worker.batch_max_events,
-                                              within=settings.worker.batch_max_seconds):
-            records = [Record(topic=e.message.topic, partition=e.message.partition,
-                              offset=e.message.offset, key=e.message.key,
-                              value=e.message.value,
-                              timestamp_ms=int((e.message.timestamp or 0) * 1000))
-                       for e in batch]
-            await pipeline.process(records)
+    async def process_events(batches: Mapping[TP, Sequence[Any]]) -> None:
+        records = [Record(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
+                          value=r.value, timestamp_ms=r.timestamp)
+                   for part in batches.values() for r in part]
+        await pipeline.process(records)
+
+    app.batch_topic(events_topic, process_events)
 
     return Worker(app=app, pipeline=pipeline, metrics=metrics)
