@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions: ``promo_`` prefix, base units (seconds, bytes), ``_total``
 on counters (prometheus_client appends it). Labels take only bounded values: event types,
-rejection reasons, actions, arms. Never a user, item or coupon id.
+rejection reasons, actions, arms, reason codes, partitions. Never a user, item or coupon id:
+the coupon budget is one total, not a series per campaign, because campaigns are unbounded.
 
 Metrics live on a :class:`Metrics` object with its own registry, so tests and several workers in
 one process do not share counters by accident; the worker serves its registry over HTTP.
@@ -10,20 +11,33 @@ one process do not share counters by accident; the worker serves its registry ov
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 from encoder.data import EVENT_TYPES
 from stream.events import Reason
 
-# Micro-batches take milliseconds to a few seconds.
+ACTIONS = ("coupon", "push", "none")
+ARMS = ("treatment", "holdout")
+TRIGGERS = ("cart_add", "repeat_views", "cart_abandoned")
+# Micro-batches and encoder calls take milliseconds to a few seconds.
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+# Event time to decision published: the product promises seconds.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+STATE_BYTES_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.registry = r = registry or CollectorRegistry()
+        # Input
         self.events_consumed = Counter(
             "promo_stream_events_consumed", "Valid events consumed, by event type.",
             ["type"], registry=r)
@@ -31,14 +45,58 @@ class Metrics:
             "promo_stream_records_rejected",
             "Records rejected and sent to the dead-letter topic, by reason.", ["reason"],
             registry=r)
+        self.consumer_lag = Gauge(
+            "promo_stream_consumer_lag_records",
+            "Records in the events topic not yet processed, per assigned partition.",
+            ["partition"], registry=r)
+        # Micro-batches
         self.batch_size = Histogram(
             "promo_stream_batch_size_records", "Records per micro-batch.",
             buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_duration = Histogram(
             "promo_stream_batch_duration_seconds", "Wall time to process one micro-batch.",
             buckets=BATCH_SECONDS_BUCKETS, registry=r)
-        self.worker_up = Gauge(
-            "promo_worker_up", "1 while the worker process runs.", registry=r)
+        # Encoder
+        self.encoder_batch_size = Histogram(
+            "promo_encoder_batch_size_users", "Users per batched encoder call.",
+            buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.encoder_duration = Histogram(
+            "promo_encoder_inference_seconds", "Wall time of one batched encoder call.",
+            buckets=BATCH_SECONDS_BUCKETS, registry=r)
+        self.vector_refreshes = Counter(
+            "promo_encoder_vector_refreshes", "User vectors recomputed.", registry=r)
+        self.encoder_failures = Counter(
+            "promo_encoder_failures",
+            "Encoder loads or calls that failed; decisions fell back to popularity.",
+            ["stage"], registry=r)
+        self.model_loaded = Gauge(
+            "promo_encoder_model_loaded", "1 if a model checkpoint is loaded and serving.",
+            registry=r)
+        self.model_info = Info(
+            "promo_encoder_model", "The model checkpoint serving decisions.", registry=r)
+        # Decisions
+        self.decisions = Counter(
+            "promo_decisions_published", "Decisions published, by action and arm.",
+            ["action", "arm"], registry=r)
+        self.triggers = Counter(
+            "promo_decisions_triggers", "Decision triggers fired, by kind.", ["kind"],
+            registry=r)
+        self.decision_latency = Histogram(
+            "promo_decision_latency_seconds",
+            "Event time of the triggering event to the decision being published.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.coupon_budget_remaining = Gauge(
+            "promo_coupon_budget_remaining_ratio",
+            "Unreserved share of the budget of all valid campaigns, over this worker's "
+            "partitions (0 = spent).", registry=r)
+        # State
+        self.users_in_state = Gauge(
+            "promo_state_users", "Users with state in this worker's partitions.", registry=r)
+        self.state_bytes = Histogram(
+            "promo_state_record_bytes", "Encoded size of user state records written.",
+            buckets=STATE_BYTES_BUCKETS, registry=r)
+        # Worker
+        self.worker_up = Gauge("promo_worker_up", "1 while the worker process runs.", registry=r)
         self.worker_ready = Gauge(
             "promo_worker_ready", "1 once the worker has joined its group and recovered state.",
             registry=r)
@@ -48,6 +106,13 @@ class Metrics:
             self.events_consumed.labels(type=event_type)
         for reason in Reason:
             self.records_rejected.labels(reason=reason.value)
+        for action in ACTIONS:
+            for arm in ARMS:
+                self.decisions.labels(action=action, arm=arm)
+        for kind in TRIGGERS:
+            self.triggers.labels(kind=kind)
+        for stage in ("load", "inference"):
+            self.encoder_failures.labels(stage=stage)
 
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on host:port (port 0 picks a free one); return the port."""

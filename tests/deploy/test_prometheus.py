@@ -1,0 +1,93 @@
+"""Alert rules and dashboards, checked with the real promtool (Debian package `prometheus`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from stream.metrics import Metrics
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "promo-stream.json"
+METRIC_NAME = re.compile(r"\bpromo_[a-z0-9_]+\b")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("promtool")
+    assert tool, "promtool missing: scripts/bootstrap.sh installs Debian's prometheus package"
+    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def exported_names() -> set[str]:
+    """Every sample name the worker's registry can expose."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count",
+                    "_created"], "info": ["_info"], "gauge": [""]}[family.type]
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_scrape_config_is_valid() -> None:
+    result = promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_are_valid() -> None:
+    result = promtool("check", "rules", str(PROMETHEUS / "rules" / "promo.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rule_unit_tests_pass() -> None:
+    result = promtool("test", "rules", str(PROMETHEUS / "tests" / "promo_test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_has_firing_and_quiet_cases() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "rules" / "promo.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    tests = yaml.safe_load((PROMETHEUS / "tests" / "promo_test.yml").read_text())["tests"]
+    fires, quiet = set(), set()
+    for case in tests:
+        for check in case["alert_rule_test"]:
+            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+    assert alerts <= fires, f"never seen firing: {alerts - fires}"
+    assert alerts - {"PromoWorkerNotReady"} <= quiet, f"never seen quiet: {alerts - quiet}"
+
+
+@pytest.mark.parametrize("source", ["rules", "dashboard"])
+def test_expressions_only_use_metrics_the_worker_exports(source: str) -> None:
+    if source == "rules":
+        text = (PROMETHEUS / "rules" / "promo.yml").read_text()
+        exprs = [r["expr"] for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+    else:
+        panels = json.loads(DASHBOARD.read_text())["panels"]
+        exprs = [t["expr"] for p in panels for t in p["targets"]]
+    assert exprs
+    known = exported_names()
+    used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    assert used, "no promo metrics referenced"
+    assert used <= known, f"unknown metrics: {sorted(used - known)}"
+
+
+def test_dashboard_covers_what_sres_asked_for() -> None:
+    exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"]
+                     for t in p["targets"])
+    for metric in ("promo_stream_events_consumed_total", "promo_decisions_published_total",
+                   "promo_decision_latency_seconds_bucket", "promo_stream_consumer_lag_records",
+                   "promo_stream_records_rejected_total", "promo_encoder_inference_seconds",
+                   "promo_state_record_bytes", "promo_encoder_model_info"):
+        assert metric in exprs, f"dashboard lacks {metric}"
