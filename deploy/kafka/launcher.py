@@ -101,8 +101,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def new_cluster_id() -> str:
-    """16 random bytes, base64url without padding: the form `kafka-storage format` expects."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """16 random bytes, base64url without padding: the form `kafka-storage format` expects.
+
+    Like Kafka's own Uuid.randomUuid, never one starting with "-", which a command line would
+    read as an option.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 @dataclass(frozen=True)
@@ -262,8 +269,8 @@ def _format(cluster: Cluster, node: Node, libs: Path) -> None:
         return  # formatted before: this is a restart
     cmd = [_java(), "-cp", _classpath(libs),
            f"-Dlog4j2.configurationFile={node_dir / 'log4j2.properties'}",
-           "kafka.tools.StorageTool", "format", "-t", cluster.cluster_id,
-           "-c", str(node_dir / "server.properties")]
+           "kafka.tools.StorageTool", "format", f"--cluster-id={cluster.cluster_id}",
+           f"--config={node_dir / 'server.properties'}"]
     if len(cluster.nodes) == 1:
         cmd.append("--standalone")
     else:

@@ -20,9 +20,11 @@ def test_kafka_version_is_read_from_the_pom() -> None:
     assert launcher.kafka_version().startswith("4.")
 
 
-def test_cluster_ids_are_16_random_bytes_in_base64url() -> None:
-    cid = launcher.new_cluster_id()
-    assert len(cid) == 22 and "=" not in cid and cid != launcher.new_cluster_id()
+def test_cluster_ids_are_16_random_bytes_in_base64url_never_starting_with_a_dash() -> None:
+    ids = [launcher.new_cluster_id() for _ in range(2000)]
+    assert all(len(cid) == 22 and "=" not in cid for cid in ids)
+    assert len(set(ids)) == len(ids)
+    assert not [cid for cid in ids if cid.startswith("-")]
 
 
 def test_server_properties_scale_replication_with_the_node_count(tmp_path: Path) -> None:
