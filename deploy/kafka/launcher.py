@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -67,11 +68,12 @@ def jars_dir(cache_dir: Path | None = None) -> Path:
 def ensure_jars(cache_dir: Path | None = None, mvn: str | None = None) -> Path:
     """Return the directory of Kafka's jars, resolving them with Maven only if not cached.
 
-    The ``.complete`` marker is written last, so an interrupted download is redone rather
-    than half-used.
+    The ``.complete`` marker (the POM's digest) is written last, so an interrupted download is
+    redone rather than half-used, and a changed POM is resolved again.
     """
     libs = jars_dir(cache_dir)
-    if (libs / ".complete").exists():
+    marker = libs / ".complete"
+    if marker.exists() and marker.read_text().strip() == _pom_digest():
         return libs
     mvn = mvn or os.environ.get("PROMO_MVN") or "mvn"
     if shutil.which(mvn) is None:
@@ -90,8 +92,13 @@ def ensure_jars(cache_dir: Path | None = None, mvn: str | None = None) -> Path:
         raise BrokerError(f"maven finished but {partial} holds no kafka_2.13 jar")
     shutil.rmtree(libs, ignore_errors=True)
     partial.rename(libs)
-    (libs / ".complete").write_text(kafka_version() + "\n")
+    marker.write_text(_pom_digest() + "\n")
     return libs
+
+
+def _pom_digest() -> str:
+    """The cache is valid for this exact POM: a new dependency re-resolves."""
+    return hashlib.sha256(POM.read_bytes()).hexdigest()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -118,6 +125,9 @@ class Node:
     broker_port: int
     controller_port: int
     directory_id: str  # the metadata log dir's id, named in --initial-controllers
+    # With a secured client listener: a PLAINTEXT listener on loopback for brokers and admin
+    # tools (their principal, ANONYMOUS, is a super user).
+    internal_port: int | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -134,10 +144,19 @@ class Cluster:
     heap: str = "512m"
     extra_properties: dict[str, str] = field(default_factory=dict)
     pids: dict[int, int] = field(default_factory=dict)
+    # PEM file with the broker's private key and certificate chain: clients then connect with
+    # SASL/SCRAM-SHA-512 over TLS, and ACLs apply (StandardAuthorizer).
+    tls_keystore: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
         return ",".join(node.bootstrap for node in self.nodes)
+
+    @property
+    def internal_servers(self) -> str:
+        """PLAINTEXT bootstrap for admin tools (same as clients' unless secured)."""
+        return ",".join(f"127.0.0.1:{node.internal_port or node.broker_port}"
+                        for node in self.nodes)
 
     def node_dir(self, node_id: int) -> Path:
         return self.data_dir / f"node-{node_id}"
@@ -171,11 +190,20 @@ class Cluster:
             heap=state.get("heap", "512m"),
             extra_properties=dict(state.get("extra_properties", {})),
             pids={int(k): int(v) for k, v in state.get("pids", {}).items()},
+            tls_keystore=state.get("tls_keystore"),
         )
 
 
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
+        return False
+    child = _children.get(pid)
+    if child is not None:
+        # Our own JVM: ask waitpid. A JVM's main thread can show as a zombie while its other
+        # threads are still exiting, and only waitpid knows when the process is gone.
+        if child.poll() is None:
+            return True
+        del _children[pid]
         return False
     try:
         os.kill(pid, 0)
@@ -220,6 +248,26 @@ def server_properties(cluster: Cluster, node: Node) -> dict[str, str]:
         "share.coordinator.state.topic.min.isr": str(min(2, n)),
         "group.initial.rebalance.delay.ms": "0",
     }
+    if cluster.tls_keystore:
+        assert node.internal_port is not None
+        props.update({
+            "listeners": (f"SASL_SSL://127.0.0.1:{node.broker_port},"
+                          f"INTERNAL://127.0.0.1:{node.internal_port},"
+                          f"CONTROLLER://127.0.0.1:{node.controller_port}"),
+            "advertised.listeners": (f"SASL_SSL://127.0.0.1:{node.broker_port},"
+                                     f"INTERNAL://127.0.0.1:{node.internal_port}"),
+            "inter.broker.listener.name": "INTERNAL",
+            "listener.security.protocol.map":
+                "SASL_SSL:SASL_SSL,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": cluster.tls_keystore,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": "User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+        })
     props.update(cluster.extra_properties)
     return props
 
@@ -263,7 +311,8 @@ def _write_config(cluster: Cluster, node: Node) -> Path:
     return node_dir
 
 
-def _format(cluster: Cluster, node: Node, libs: Path) -> None:
+def _format(cluster: Cluster, node: Node, libs: Path,
+            scram_users: Mapping[str, str] | None = None) -> None:
     node_dir = cluster.node_dir(node.node_id)
     if (node_dir / "data" / "meta.properties").exists():
         return  # formatted before: this is a restart
@@ -277,6 +326,9 @@ def _format(cluster: Cluster, node: Node, libs: Path) -> None:
         controllers = ",".join(
             f"{n.node_id}@127.0.0.1:{n.controller_port}:{n.directory_id}" for n in cluster.nodes)
         cmd += ["--initial-controllers", controllers]
+    for user, password in (scram_users or {}).items():
+        # KRaft stores SCRAM credentials in its metadata: they are created at format time.
+        cmd += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise BrokerError(f"formatting node {node.node_id} failed:\n{proc.stdout}{proc.stderr}")
@@ -340,6 +392,8 @@ def start(
     controller_port: int | None = None,
     heap: str = "512m",
     extra_properties: Mapping[str, str] | None = None,
+    tls_keystore: Path | None = None,
+    scram_users: Mapping[str, str] | None = None,
     cache_dir: Path | None = None,
     timeout: float = 90.0,
 ) -> Cluster:
@@ -348,6 +402,10 @@ def start(
     Ports are free ones unless given (``broker_port``/``controller_port`` apply to a single
     node). A directory with an existing cluster restarts it with the ports it had: KRaft
     stores the controllers' addresses in its metadata, so they must not change.
+
+    With ``tls_keystore`` (a PEM file: private key and certificate chain) clients must connect
+    with SASL/SCRAM-SHA-512 over TLS as one of ``scram_users`` (name -> password, created when
+    the storage is formatted), and ACLs decide what each may do (:func:`acl`).
     """
     if nodes not in (1, 3):
         raise BrokerError(f"nodes must be 1 or 3, not {nodes}")
@@ -365,10 +423,12 @@ def start(
                         broker_port=(broker_port if nodes == 1 and broker_port else free_port()),
                         controller_port=(controller_port if nodes == 1 and controller_port
                                          else free_port()),
-                        directory_id=new_cluster_id())
+                        directory_id=new_cluster_id(),
+                        internal_port=free_port() if tls_keystore else None)
                    for i in range(nodes)],
             heap=heap,
             extra_properties=dict(extra_properties or {}),
+            tls_keystore=str(tls_keystore) if tls_keystore else None,
         )
     elif len(cluster.nodes) != nodes:
         raise BrokerError(f"{data_dir} holds a {len(cluster.nodes)}-node cluster, not {nodes}")
@@ -379,7 +439,7 @@ def start(
         if _pid_alive(cluster.pids.get(node.node_id)):
             continue
         _write_config(cluster, node)
-        _format(cluster, node, libs)
+        _format(cluster, node, libs, scram_users)
         cluster.pids[node.node_id], waiting[node.node_id] = _spawn(cluster, node, libs)
     cluster.save()
     try:
@@ -440,9 +500,11 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 def _terminate(pid: int | None, *, kill: bool, timeout: float,
                already_signalled: bool = False) -> None:
-    if not _pid_alive(pid):
+    if pid is None:
         return
-    assert pid is not None
+    if not _pid_alive(pid):
+        _reap(pid)  # it may have exited between the signal and this check: collect it
+        return
     if kill:
         _signal(pid, signal.SIGKILL)
     elif not already_signalled:
@@ -462,6 +524,22 @@ def _reap(pid: int) -> None:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
         del _children[pid]
+
+
+def acl(cluster: Cluster, *args: str) -> str:
+    """Run Kafka's AclCommand against the cluster's internal listener; return its output.
+
+    Example: ``acl(cluster, "--add", "--allow-principal", "User:worker", "--operation",
+    "Read", "--topic", "events")``.
+    """
+    log4j = cluster.node_dir(cluster.nodes[0].node_id) / "log4j2.properties"
+    cmd = [_java(), "-cp", _classpath(ensure_jars()), f"-Dlog4j2.configurationFile={log4j}",
+           "org.apache.kafka.tools.AclCommand", "--bootstrap-server", cluster.internal_servers,
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise BrokerError(f"AclCommand {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
 
 
 def status(data_dir: Path) -> Cluster | None:
