@@ -1,15 +1,279 @@
-"""Placeholder until the encoder lands: `promo train` and `promo evaluate`."""
+"""`promo train` and `promo evaluate` (registered on the `promo` group by stream/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from encoder import data
+from encoder.checkpoint import CheckpointError
+from encoder.model import EncoderConfig
+from encoder.train import TrainConfig
 
-@click.command()
-def train() -> None:
-    """Train the user encoder (not built yet)."""
-    raise click.ClickException("promo train is not built yet")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_NAMES = ", ".join(data.DATASET_NAMES)
 
 
-@click.command()
-def evaluate() -> None:
-    """Evaluate a checkpoint (not built yet)."""
-    raise click.ClickException("promo evaluate is not built yet")
+def _data_options(f: F) -> F:
+    """Name a dataset or give a CSV; shared by train and evaluate."""
+    options = [
+        click.option("--dataset", metavar="NAME",
+                     help=f"A dataset in the datasets directory: {_NAMES}."),
+        click.option("--interactions", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path),
+                     help="Any CSV (or .csv.gz) of interactions instead of --dataset: one row "
+                          "per event, with user, item and time columns."),
+        click.option("--user-col", default="user_id", show_default=True,
+                     help="User column of --interactions."),
+        click.option("--item-col", default="item_id", show_default=True,
+                     help="Item column of --interactions."),
+        click.option("--time-col", default="timestamp", show_default=True,
+                     help="Time column of --interactions: epoch seconds, epoch milliseconds "
+                          "or ISO-8601 (detected per file)."),
+        click.option("--type-col", default=None,
+                     help="Event-type column of --interactions (view, click, add_to_cart, "
+                          "purchase and synonyms such as cart or buy); without it every row "
+                          "is a purchase."),
+        click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=None, help="Where --dataset names are looked up [default: "
+                     "$PROMO_DATASETS_DIR, else ../shared/datasets beside the repository]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
+          time_col: str, type_col: str | None, datasets_dir: Path | None,
+          ) -> tuple[list[data.Interaction], dict[str, Any]]:
+    if (dataset is None) == (interactions is None):
+        raise click.UsageError(f"give --dataset NAME ({_NAMES}) or --interactions FILE.csv, "
+                               "exactly one")
+    source: dict[str, Any]
+    try:
+        if interactions is not None:
+            rows = data.load_interactions_csv(interactions, user_col=user_col,
+                                              item_col=item_col, time_col=time_col,
+                                              type_col=type_col)
+            source = {"interactions": str(interactions), "user_col": user_col,
+                      "item_col": item_col, "time_col": time_col, "type_col": type_col}
+        else:
+            assert dataset is not None
+            name = data.canonical_name(dataset)
+            rows = data.load_dataset(name, datasets_dir)
+            source = {"dataset": name, "path": str(data.dataset_path(name, datasets_dir))}
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    source["interactions_loaded"] = len(rows)
+    return rows, source
+
+
+def _target_types(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in data.EVENT_TYPES]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: not in {', '.join(data.EVENT_TYPES)}",
+                                 param_hint="--target-types")
+    return names
+
+
+_HISTORY = {"auto": None, "exclude": True, "keep": False}
+_history_option = click.option(
+    "--history", type=click.Choice(list(_HISTORY)), default="auto", show_default=True,
+    help="Full ranking: exclude the user's earlier items from the candidates, keep them, or "
+         "auto (exclude unless 5% or more of training targets are repeats).")
+_target_types_option = click.option(
+    "--target-types", default=None, metavar="TYPES",
+    help="Comma-separated event types to predict (e.g. add_to_cart); other events are inputs "
+         "only [default: every event; for evaluate, what the checkpoint was trained with].")
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command("train")
+@_data_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoint directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs,
+              show_default=True, help="At most this many passes over the training data.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              default=TrainConfig.max_minutes, show_default=True,
+              help="Stop training after this much wall-clock time (evaluation comes after).")
+@click.option("--patience", type=click.IntRange(min=1), default=TrainConfig.patience,
+              show_default=True,
+              help="Stop after this many epochs without a better validation NDCG@10.")
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True,
+              help="Seed for initialisation, batching, dropout and evaluation negatives.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size,
+              show_default=True, help="Training windows per optimiser step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr,
+              show_default=True, help="Peak AdamW learning rate (after a 100-step warmup).")
+@click.option("--negatives", type=click.IntRange(min=0), default=TrainConfig.negatives,
+              show_default=True, help="Uniform negatives per batch in the sampled softmax; 0 "
+              "(or a catalogue this small) uses the softmax over every item.")
+@click.option("--lr-decay/--no-lr-decay", default=TrainConfig.decay, show_default=True,
+              help="Decay the learning rate linearly to zero over --epochs, or over as many "
+                   "epochs as fit in --max-minutes at the first epoch's pace if fewer.")
+@click.option("--weight-decay", type=click.FloatRange(min=0),
+              default=TrainConfig.weight_decay, show_default=True, help="AdamW weight decay.")
+@click.option("--max-len", type=click.IntRange(min=1), default=EncoderConfig.max_len,
+              show_default=True, help="L: the newest events per user the encoder reads.")
+@click.option("--layers", type=click.IntRange(min=1), default=EncoderConfig.n_layers,
+              show_default=True, help="Transformer blocks.")
+@click.option("--d-model", type=click.IntRange(min=2), default=EncoderConfig.d_model,
+              show_default=True, help="Width of embeddings and user vectors.")
+@click.option("--heads", type=click.IntRange(min=1), default=EncoderConfig.n_heads,
+              show_default=True, help="Attention heads (must divide --d-model).")
+@click.option("--d-ff", type=click.IntRange(min=1), default=EncoderConfig.d_ff,
+              show_default=True, help="Hidden width of each block's MLP.")
+@click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True),
+              default=EncoderConfig.dropout, show_default=True,
+              help="Dropout rate in training.")
+@click.option("--oov-buckets", type=click.IntRange(min=1), default=EncoderConfig.n_oov_buckets,
+              show_default=True, help="Hashed buckets for items unknown at training time.")
+@click.option("--event-types/--no-event-types", default=True, show_default=True,
+              help="Embed event types (our extension) or items only, as SASRec.")
+@_target_types_option
+@_history_option
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads [default: torch's choice, the number of cores].")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar per epoch (on stderr).")
+def train(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
+          time_col: str, type_col: str | None, datasets_dir: Path | None, out: Path,
+          overwrite: bool, epochs: int, max_minutes: float, patience: int, seed: int,
+          batch_size: int, lr: float, negatives: int, lr_decay: bool, weight_decay: float,
+          max_len: int, layers: int,
+          d_model: int, heads: int, d_ff: int, dropout: float, oov_buckets: int,
+          event_types: bool, target_types: str | None, history: str, threads: int | None,
+          progress: bool) -> None:
+    """Train the user encoder and write a checkpoint directory.
+
+    Splits each user's events leave-one-out (last event test, the one before validation),
+    trains with softmax cross-entropy (sampled), keeps the epoch with the best validation
+    NDCG@10, then evaluates the test split once. Writes weights, config, vocabulary,
+    popularity, metrics.json, training_curve.png and a manifest whose hash is the
+    model_version. Example:
+
+        promo train --dataset beauty --out checkpoints/beauty
+    """
+    from encoder import checkpoint
+    from encoder import train as training
+    from encoder.evaluate import describe
+
+    if d_model % heads:
+        raise click.BadParameter(f"{d_model} is not divisible by --heads {heads}",
+                                 param_hint="--d-model")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise click.ClickException(f"{out} is not empty; pass --overwrite to replace it")
+    rows, source = _load(dataset, interactions, user_col, item_col, time_col, type_col,
+                         datasets_dir)
+    model_config = EncoderConfig(n_oov_buckets=oov_buckets, max_len=max_len, n_layers=layers,
+                                 d_model=d_model, n_heads=heads, d_ff=d_ff, dropout=dropout,
+                                 use_event_types=event_types)
+    config = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
+                         negatives=negatives, decay=lr_decay, weight_decay=weight_decay,
+                         patience=patience, seed=seed,
+                         target_types=_target_types(target_types),
+                         exclude_history=_HISTORY[history], threads=threads)
+    try:
+        result = training.train(rows, model_config, config, progress=progress, log=_err)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    meta = training.metadata(result, config, source)
+    title = f"{source.get('dataset') or Path(str(source.get('interactions'))).name}: " \
+            f"best epoch {result.best_epoch}"
+    png = training.training_curve_png(result.history, result.best_epoch, title)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    version = checkpoint.save(out, result.model, result.vocab, result.split.popularity, meta,
+                              png)
+    _err(f"stopped: {result.stopped}; chosen epoch {result.best_epoch}")
+    for line in describe(result.test):
+        click.echo(f"test {line}")
+    click.echo(f"model_version {version} written to {out}")
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", "checkpoint_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Checkpoint directory written by `promo train`.")
+@_data_options
+@_target_types_option
+@_history_option
+@click.option("--seed", type=int, default=None,
+              help="Seed of the sampled negatives and tie-breaks [default: the training seed].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object on stdout: {"users", "items", "model": {"sampled": '
+                   '{"HR@10", "NDCG@10"}, "full": {...}}, "popularity": {...}}.')
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads [default: torch's choice].")
+def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | None,
+             user_col: str, item_col: str, time_col: str, type_col: str | None,
+             datasets_dir: Path | None, target_types: str | None, history: str,
+             seed: int | None, as_json: bool, threads: int | None) -> None:
+    """Evaluate a checkpoint on the test split of a dataset or CSV.
+
+    Splits the data leave-one-out exactly as training does and reports, on the test cases,
+    the SASRec paper protocol (the held-out item against 100 sampled negatives) and full
+    ranking over all items, HR@10 and NDCG@10, next to a popularity baseline on the same
+    cases. Example:
+
+        promo evaluate --checkpoint checkpoints/beauty --dataset beauty --json
+    """
+    import torch
+
+    from encoder.checkpoint import load
+    from encoder.evaluate import (
+        EvalSettings,
+        auto_exclude_history,
+        describe,
+        evaluate_model,
+        summary,
+    )
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        ckpt = load(checkpoint_dir)
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows, _ = _load(dataset, interactions, user_col, item_col, time_col, type_col, datasets_dir)
+    trained = ckpt.metrics.get("data", {}).get("target_types")
+    wanted = _target_types(target_types) if target_types else (tuple(trained) if trained
+                                                               else None)
+    split = data.encode_split(data.leave_one_out(data.user_sequences(rows), wanted),
+                              ckpt.vocab, wanted)
+    if len(split.test) == 0:
+        raise click.ClickException("no user has 3 or more events: nothing to test on")
+    exclude = _HISTORY[history]
+    if exclude is None:
+        exclude = auto_exclude_history(split.repeat_share)
+    if seed is None:
+        seed = int(ckpt.metrics.get("train_config", {}).get("seed", 0))
+    settings = replace(EvalSettings(), exclude_history=exclude, seed=seed)
+    metrics = evaluate_model(ckpt.model, split.popularity, split.test, settings)
+    unknown = int((~ckpt.vocab.is_known(split.test.targets)).sum())
+    _err(f"model_version {ckpt.model_version}: {len(split.test)} test users, "
+         f"{ckpt.vocab.n_items} items; full ranking "
+         f"{'without' if exclude else 'with'} history items; seed {seed}"
+         + (f"; {unknown} targets unknown to the model (counted as misses)" if unknown else ""))
+    if as_json:
+        sys.stdout.write(json.dumps(summary(len(split.test), ckpt.vocab.n_items, metrics))
+                         + "\n")
+    else:
+        for line in describe(metrics):
+            click.echo(line)

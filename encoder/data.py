@@ -5,48 +5,74 @@ events are in that user's order. The streaming replay produces exactly these as 
 training turns them into per-user sequences (:func:`user_sequences`) and splits them
 leave-one-out (:func:`leave_one_out`).
 
-How each dataset becomes events (real data, faithfully converted):
+How each dataset becomes events (real data, faithfully converted; nothing is invented except
+where a dataset has no clock, and then only the clock):
 
-- ``games`` (SASRec's Video.txt) and ``beauty`` (S3-Rec's Beauty): interactions in each user's
-  order, no timestamps. Event time is synthesised: a user's k-th interaction happens k minutes
-  after a fixed base time, so order is kept exactly and users interleave. All are ``purchase``
-  (they are reviews of bought products).
-- ``instacart``: every row is an ``add_to_cart`` at the order's time (base date + cumulative
-  days_since_prior_order, at order_hour_of_day) plus ``add_to_cart_order`` seconds; when the
-  order completes (a minute after its last cart add) each of its products is a ``purchase``.
-- ``rees46``: view / cart (-> ``add_to_cart``) / purchase at their UTC times, with price,
-  category (category_code, else category_id) and session.
-- ``ml-100k``: one event per rating at its time: ``purchase`` if the rating is >= 4 else
+- ``games`` (SASRec's ``sasrec/Video.txt``) and ``beauty`` (S3-Rec's
+  ``amazon-beauty-s3rec/Beauty.txt``): each user's interactions in the file's order, without
+  timestamps. Time is synthesised: a user's k-th interaction (k = 0, 1, ...) happens k minutes
+  after 2017-01-01T00:00Z, so every user's order is kept exactly and users interleave. All are
+  ``purchase`` events (they are reviews of bought products).
+- ``instacart`` (``df_sample.csv.gz``): each row is an ``add_to_cart`` at its order's time plus
+  ``add_to_cart_order`` seconds (the real cart order). The order's time is the user's first order
+  day (2017-01-01) plus the cumulative ``days_since_prior_order``, at ``order_hour_of_day``. One
+  minute after the order's last cart add the order completes and every product in it becomes a
+  ``purchase``, in cart order. Instacart gives days and hours only, so two orders on the same day
+  can come out of sequence (87 of 14,590 order pairs in the sample); then the later order starts
+  one minute after the previous one completed, which keeps the real order sequence.
+- ``rees46`` (``2019-Oct-first1000.csv``): ``view`` / ``cart`` (-> ``add_to_cart``) /
+  ``purchase`` at their UTC times, with price, category (``category_code``, else
+  ``category_id``) and session. ``remove_from_cart`` is not a contract event and is skipped.
+- ``ml-100k``: one event per rating at its time: ``purchase`` if the rating is >= 4, else
   ``view``. This labelling is derived, not observed; the category is the movie's first genre.
+
+Any other data comes in through :func:`load_interactions_csv`.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
-import io
+import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
-TYPE_SYNONYMS = {
+import numpy as np
+
+from encoder.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")  # id = index + 1
+TYPE_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 = padding
+
+#: Event-type spellings seen in public logs, mapped to the contract's four types.
+TYPE_SYNONYMS: dict[str, str] = {
     "view": "view", "views": "view", "pageview": "view", "page_view": "view",
-    "detail": "view", "impression": "view",
+    "detail": "view", "product_view": "view",
     "click": "click", "clicks": "click",
-    "add_to_cart": "add_to_cart", "addtocart": "add_to_cart", "cart": "add_to_cart",
-    "add-to-cart": "add_to_cart", "basket": "add_to_cart",
+    "add_to_cart": "add_to_cart", "addtocart": "add_to_cart", "add-to-cart": "add_to_cart",
+    "cart": "add_to_cart", "basket": "add_to_cart",
     "purchase": "purchase", "buy": "purchase", "order": "purchase", "transaction": "purchase",
     "checkout": "purchase", "sale": "purchase",
 }
-#: 2017-01-01T00:00:00Z: the base of synthesised and relative timestamps.
-BASE_MS = 1_483_228_800_000
+#: Real event types that are not contract events: such rows are skipped and counted.
+IGNORED_TYPES: frozenset[str] = frozenset({
+    "remove_from_cart", "removefromcart", "remove-from-cart", "remove", "wishlist",
+})
+
+BASE_MS = 1_483_228_800_000  # 2017-01-01T00:00:00Z: origin of synthesised and relative times
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
+# A bare number below this is epoch seconds, otherwise epoch milliseconds: 1e11 s is the year
+# 5138 and 1e11 ms is 1973-03-03, so real data is never ambiguous.
+_MS_THRESHOLD = 1e11
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +92,7 @@ class DataError(ValueError):
 
 
 def default_datasets_dir() -> Path:
-    """``$PROMO_DATASETS_DIR``, else ``../shared/datasets`` beside the repository."""
+    """``$PROMO_DATASETS_DIR`` if set, else ``../shared/datasets`` beside the repository."""
     configured = os.environ.get("PROMO_DATASETS_DIR")
     if configured:
         return Path(configured)
@@ -74,38 +100,44 @@ def default_datasets_dir() -> Path:
 
 
 DATASET_NAMES: tuple[str, ...] = ("games", "beauty", "ml-100k", "instacart", "rees46")
-_ALIASES = {
+DATASET_ALIASES: dict[str, str] = {
     "video": "games", "sasrec-video": "games", "amazon-beauty-s3rec": "beauty",
     "instacart-sample": "instacart", "rees46-sample": "rees46", "ml100k": "ml-100k",
+}
+_DATASET_FILES: dict[str, str] = {
+    "games": "sasrec/Video.txt",
+    "beauty": "amazon-beauty-s3rec/Beauty.txt",
+    "ml-100k": "ml-100k/ml-100k.inter",
+    "instacart": "instacart-sample/df_sample.csv.gz",
+    "rees46": "rees46-sample/2019-Oct-first1000.csv",
 }
 
 
 def canonical_name(name: str) -> str:
+    """The canonical dataset name for ``name`` or an alias; ValueError lists the valid ones."""
     key = name.strip().lower()
-    key = _ALIASES.get(key, key)
+    key = DATASET_ALIASES.get(key, key)
     if key not in DATASET_NAMES:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)} "
-                        f"(aliases: {', '.join(sorted(_ALIASES))})")
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)} "
+                        f"(aliases: {', '.join(sorted(DATASET_ALIASES))})")
     return key
 
 
+def dataset_path(name: str, datasets_dir: Path | None = None) -> Path:
+    """The file a named dataset is read from (it may not exist)."""
+    root = Path(datasets_dir) if datasets_dir is not None else default_datasets_dir()
+    return root / _DATASET_FILES[canonical_name(name)]
+
+
 def load_dataset(name: str, datasets_dir: Path | None = None) -> list[Interaction]:
-    """Load a named dataset from ``datasets_dir`` (default :func:`default_datasets_dir`)."""
-    root = Path(datasets_dir) if datasets_dir else default_datasets_dir()
+    """Load a named dataset (see the module docstring) from ``datasets_dir``, in time order."""
     key = canonical_name(name)
-    paths = {
-        "games": root / "sasrec" / "Video.txt",
-        "beauty": root / "amazon-beauty-s3rec" / "Beauty.txt",
-        "ml-100k": root / "ml-100k" / "ml-100k.inter",
-        "instacart": root / "instacart-sample" / "df_sample.csv.gz",
-        "rees46": root / "rees46-sample" / "2019-Oct-first1000.csv",
-    }
-    path = paths[key]
-    if not path.exists():
-        raise DataError(f"dataset {key!r} not found at {path} "
-                        "(set PROMO_DATASETS_DIR or --datasets-dir)")
+    path = dataset_path(key, datasets_dir)
+    if not path.is_file():
+        raise DataError(f"dataset {key!r}: file not found: {path} "
+                        "(set PROMO_DATASETS_DIR or pass --datasets-dir)")
     if key == "games":
-        rows = _sasrec_pairs(path)
+        rows: Iterable[Interaction] = _sasrec_pairs(path)
     elif key == "beauty":
         rows = _sasrec_lines(path)
     elif key == "ml-100k":
@@ -118,8 +150,14 @@ def load_dataset(name: str, datasets_dir: Path | None = None) -> list[Interactio
 
 
 def _time_ordered(rows: Iterable[Interaction]) -> list[Interaction]:
-    # sorted() is stable: equal times keep file order, so a user's order survives.
+    # sorted() is stable: equal times keep file order, so each user's order survives.
     return sorted(rows, key=lambda it: it.ts_ms)
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _ordered_sequences(sequences: Iterable[tuple[str, list[str]]]) -> Iterator[Interaction]:
@@ -129,7 +167,7 @@ def _ordered_sequences(sequences: Iterable[tuple[str, list[str]]]) -> Iterator[I
 
 
 def _sasrec_pairs(path: Path) -> Iterator[Interaction]:
-    """``user item`` per line, each user's lines together and in time order."""
+    """``user item`` per line, each user's lines in time order."""
     by_user: dict[str, list[str]] = defaultdict(list)
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -144,87 +182,97 @@ def _sasrec_pairs(path: Path) -> Iterator[Interaction]:
 
 def _sasrec_lines(path: Path) -> Iterator[Interaction]:
     """``user item1 item2 ...`` per line, items in time order."""
-    def sequences() -> Iterator[tuple[str, list[str]]]:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2:
-                    yield parts[0], parts[1:]
-    return _ordered_sequences(sequences())
+    sequences: list[tuple[str, list[str]]] = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise DataError(f"{path}:{line_no}: a user without items: {line.strip()!r}")
+            sequences.append((parts[0], parts[1:]))
+    return _ordered_sequences(sequences)
 
 
 def _movielens(inter: Path, items: Path) -> Iterator[Interaction]:
     genres: dict[str, str] = {}
-    if items.exists():
-        with open(items, encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t")
-            header = next(reader)
-            col = {name.split(":")[0]: i for i, name in enumerate(header)}
+    if items.is_file():
+        with open(items, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            col = {name.split(":")[0]: i for i, name in enumerate(next(reader))}
             for row in reader:
-                if len(row) > col.get("class", 99) and row[col["class"]].strip():
+                if len(row) > col["class"] and row[col["class"]].strip():
                     genres[row[col["item_id"]]] = row[col["class"]].split()[0]
-    with open(inter, encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader)
-        col = {name.split(":")[0]: i for i, name in enumerate(header)}
+    with open(inter, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        col = {name.split(":")[0]: i for i, name in enumerate(next(reader))}
         for row in reader:
-            item = row[col["item_id"]]
-            rating = float(row[col["rating"]])
-            yield Interaction(row[col["user_id"]], item, "purchase" if rating >= 4 else "view",
-                              int(float(row[col["timestamp"]]) * 1000),
+            try:
+                item = row[col["item_id"]]
+                rating = float(row[col["rating"]])
+                ts = round(float(row[col["timestamp"]]) * 1000)
+                user = row[col["user_id"]]
+            except (IndexError, ValueError) as exc:
+                raise DataError(f"{inter}:{reader.line_num}: {exc}") from exc
+            yield Interaction(user, item, "purchase" if rating >= 4 else "view", ts,
                               category=genres.get(item))
 
 
 def _instacart(path: Path) -> Iterator[Interaction]:
-    with gzip.open(path, "rt", newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    # Orders per user in order_number order; a user's clock starts at BASE_MS.
-    orders: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
-    for row in rows:
-        orders[(row["user_id"], int(row["order_number"]))].append(row)
-    clock: dict[str, int] = {}
-    for user, number in sorted(orders, key=lambda k: (int(k[0]), k[1])):
-        lines = sorted(orders[(user, number)], key=lambda r: float(r["add_to_cart_order"] or 0))
+    orders: dict[tuple[int, int], list[dict[str, str]]] = defaultdict(list)
+    with _open_text(path) as f:
+        for row in csv.DictReader(f):
+            orders[(int(row["user_id"]), int(row["order_number"]))].append(row)
+    day: dict[int, int] = {}  # user -> midnight of their latest order day
+    done: dict[int, int] = {}  # user -> when their latest order completed
+    for user, number in sorted(orders):
+        lines = sorted(orders[(user, number)], key=lambda r: float(r["add_to_cart_order"]))
         first = lines[0]
-        days = float(first["days_since_prior_order"] or 0)
-        day_start = clock.get(user, BASE_MS) + int(days) * DAY_MS
-        day_start -= day_start % DAY_MS  # back to midnight of that day
-        clock[user] = day_start
-        order_ms = day_start + int(first["order_hour_of_day"]) * HOUR_MS
+        days = int(float(first["days_since_prior_order"] or 0))
+        day[user] = day.get(user, BASE_MS) + days * DAY_MS
+        order_ms = day[user] + int(first["order_hour_of_day"]) * HOUR_MS
+        if user in done:  # days+hours cannot order two orders on one day: keep the real order
+            order_ms = max(order_ms, done[user] + MINUTE_MS)
         session = f"order-{first['order_id']}"
         last_add = order_ms
         for line in lines:
-            last_add = order_ms + int(float(line["add_to_cart_order"] or 0)) * 1000
-            yield Interaction(user, line["product_id"], "add_to_cart", last_add, quantity=1,
+            last_add = order_ms + int(float(line["add_to_cart_order"])) * 1000
+            yield Interaction(str(user), line["product_id"], "add_to_cart", last_add,
                               session_id=session)
+        done[user] = last_add + MINUTE_MS
         for line in lines:
-            yield Interaction(user, line["product_id"], "purchase", last_add + MINUTE_MS,
-                              quantity=1, session_id=session)
+            yield Interaction(str(user), line["product_id"], "purchase", done[user],
+                              session_id=session)
 
 
 def _rees46(path: Path) -> Iterator[Interaction]:
-    with open(path, newline="") as f:
-        for line_no, row in enumerate(csv.DictReader(f), 2):
-            event_type = TYPE_SYNONYMS.get(row["event_type"].strip().lower())
+    skipped: Counter[str] = Counter()
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            raw_type = row["event_type"].strip().lower()
+            event_type = TYPE_SYNONYMS.get(raw_type)
             if event_type is None:
-                continue  # remove_from_cart: not an event of our contract
+                skipped[raw_type] += 1
+                continue
             try:
-                ts = _parse_time(row["event_time"])
+                ts = parse_time(row["event_time"])
+                price = float(row["price"]) if row.get("price") else None
             except ValueError as exc:
-                raise DataError(f"{path}:{line_no}: {exc}") from exc
-            price = float(row["price"]) if row.get("price") else None
+                raise DataError(f"{path}:{reader.line_num}: {exc}") from exc
             yield Interaction(row["user_id"], row["product_id"], event_type, ts, price=price,
                               category=row.get("category_code") or row.get("category_id")
-                              or None,
-                              session_id=row.get("user_session") or None)
+                              or None, session_id=row.get("user_session") or None)
+    if skipped:
+        log.info("%s: skipped rows of non-contract event types: %s", path, dict(skipped))
 
 
-def _parse_time(text: str) -> int:
-    """Epoch ms from epoch seconds, epoch milliseconds, or ISO-8601 / 'YYYY-mm-dd HH:MM:SS UTC'.
+def parse_time(text: str, *, unit: str | None = None) -> int:
+    """Epoch milliseconds from epoch seconds or milliseconds, or from ISO-8601 text.
 
-    A bare number below 10^11 is seconds (that is before 1973 in milliseconds, after 5000 AD in
-    seconds), otherwise milliseconds. Text without a zone is UTC.
+    ``unit`` ("s" or "ms") says how to read a bare number; without it a number below 1e11 is
+    seconds and anything else milliseconds. Text may be ``2019-10-01 00:00:00 UTC``, ``...Z``
+    or carry an offset; text without a zone is UTC.
     """
     value = text.strip()
     try:
@@ -232,76 +280,131 @@ def _parse_time(text: str) -> int:
     except ValueError:
         pass
     else:
-        return int(number * 1000) if abs(number) < 1e11 else int(number)
+        if unit is None:
+            unit = "s" if abs(number) < _MS_THRESHOLD else "ms"
+        return round(number * 1000) if unit == "s" else round(number)
     if value.endswith(" UTC"):
         value = value[:-4]
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ValueError(f"unreadable time {text!r}") from exc
+    except ValueError:
+        raise ValueError(f"unreadable time {text!r} (want epoch seconds, epoch milliseconds "
+                         "or ISO-8601)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    return round(moment.timestamp() * 1000)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_interactions_csv(path: Path, *, user_col: str = "user_id", item_col: str = "item_id",
-                          time_col: str = "timestamp",
-                          type_col: str | None = None) -> list[Interaction]:
-    """Any CSV of interactions (``.csv`` or ``.csv.gz``), one row per interaction.
+                          time_col: str = "timestamp", type_col: str | None = None,
+                          default_type: str = "purchase") -> list[Interaction]:
+    """Any CSV of interactions (``.csv`` or ``.csv.gz``, header row, one row per interaction).
 
-    ``time_col`` holds epoch seconds, epoch milliseconds or ISO-8601 text (see
-    :func:`_parse_time`). ``type_col`` values may be view/click/add_to_cart/purchase or a common
-    synonym (cart, buy, order, ...); rows of other types (remove_from_cart, ...) are skipped.
-    Without ``type_col`` every row is a ``purchase``. Optional columns ``price``, ``quantity``,
-    ``category`` and ``session_id`` are used when present. A row with an empty user, item or
-    time, or an unreadable time or number, is an error naming its line.
+    - Time: the whole column is read one way, decided per file. If every value is a number,
+      the file is in epoch milliseconds when its largest value is at least 1e11 (after
+      1973-03-03 in ms) and in epoch seconds otherwise (fractions allowed); else every value
+      must be ISO-8601 text (``2019-10-01 00:00:00 UTC``, ``2019-10-01T00:00:00Z``, offsets;
+      no zone means UTC). A file mixing numbers and text is an error.
+    - Type: ``type_col`` values are view/click/add_to_cart/purchase or a synonym in
+      :data:`TYPE_SYNONYMS` (cart, buy, order, transaction, ...), case-insensitive. Rows whose
+      type is a real non-contract event (:data:`IGNORED_TYPES`, e.g. remove_from_cart) are
+      skipped and counted in a log line. Without ``type_col`` every row is ``default_type``
+      (``purchase``: a log with no types is usually a purchase or rating log, as in SASRec).
+    - Optional columns ``price``, ``quantity``, ``category`` and ``session_id`` are used when
+      present.
+    - Bad rows are errors, not silently dropped: an empty user, item or time, an unreadable
+      time or number, or an unknown event type raises :class:`DataError` naming the file and
+      line, so a broken export is noticed before a model is trained on half of it.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as f:  # type: ignore[operator]
-        text = f.read()
-    reader = csv.DictReader(io.StringIO(text))
-    columns = reader.fieldnames or []
-    for col in (user_col, item_col, time_col, *([type_col] if type_col else [])):
-        if col not in columns:
-            raise DataError(f"{path}: no column {col!r} (columns: {', '.join(columns)})")
+    if not path.is_file():
+        raise DataError(f"interactions file not found: {path}")
+    if default_type not in EVENT_TYPES:
+        raise DataError(f"default_type {default_type!r} is not one of {EVENT_TYPES}")
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        wanted = [user_col, item_col, time_col, *([type_col] if type_col else [])]
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(map(repr, missing))} "
+                            f"(columns: {', '.join(columns) or 'none'})")
+        raw = [(reader.line_num, row) for row in reader]
+
+    numeric = [_is_number((row[time_col] or "").strip()) for _, row in raw]
+    unit: str | None = None
+    if raw and all(numeric):
+        biggest = max(abs(float(row[time_col])) for _, row in raw)
+        unit = "ms" if biggest >= _MS_THRESHOLD else "s"
+    elif any(numeric):
+        line_no = raw[numeric.index(True)][0]
+        raise DataError(f"{path}:{line_no}: column {time_col!r} mixes epoch numbers and "
+                        "date text; use one format per file")
+
     rows: list[Interaction] = []
-    for line_no, row in enumerate(reader, 2):
-        user, item, when = (row[user_col] or "").strip(), (row[item_col] or "").strip(), \
-            (row[time_col] or "").strip()
+    skipped: Counter[str] = Counter()
+    for line_no, row in raw:
+        user = (row[user_col] or "").strip()
+        item = (row[item_col] or "").strip()
+        when = (row[time_col] or "").strip()
         if not (user and item and when):
-            raise DataError(f"{path}:{line_no}: empty {user_col}, {item_col} or {time_col}")
-        event_type = "purchase"
+            empty = [c for c, v in ((user_col, user), (item_col, item), (time_col, when)) if not v]
+            raise DataError(f"{path}:{line_no}: empty {', '.join(empty)}")
+        event_type = default_type
         if type_col:
-            event_type = TYPE_SYNONYMS.get((row[type_col] or "").strip().lower(), "")
-            if not event_type:
+            raw_type = (row[type_col] or "").strip().lower()
+            if raw_type in IGNORED_TYPES:
+                skipped[raw_type] += 1
                 continue
+            if raw_type not in TYPE_SYNONYMS:
+                raise DataError(f"{path}:{line_no}: unknown event type {raw_type!r} in "
+                                f"{type_col!r} (known: {', '.join(sorted(TYPE_SYNONYMS))}; "
+                                f"skipped: {', '.join(sorted(IGNORED_TYPES))})")
+            event_type = TYPE_SYNONYMS[raw_type]
         try:
-            ts = _parse_time(when)
+            ts = parse_time(when, unit=unit)
             price = float(row["price"]) if row.get("price") else None
-            quantity = int(float(row["quantity"])) if row.get("quantity") else None
+            quantity = int(row["quantity"]) if row.get("quantity") else None
         except ValueError as exc:
             raise DataError(f"{path}:{line_no}: {exc}") from exc
         rows.append(Interaction(user, item, event_type, ts, price=price, quantity=quantity,
                                 category=row.get("category") or None,
                                 session_id=row.get("session_id") or None))
+    if skipped:
+        log.info("%s: skipped rows of non-contract event types: %s", path, dict(skipped))
     if not rows:
         raise DataError(f"{path}: no interactions")
     return _time_ordered(rows)
 
 
-# --- sequences and splits ---------------------------------------------------------------------
+# --- sequences and the leave-one-out split -------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UserSequence:
+    """One user's events, oldest first."""
+
     user_id: str
     items: list[str]
     types: list[str]
     ts_ms: list[int]
 
+    def __len__(self) -> int:
+        return len(self.items)
 
-def user_sequences(interactions: Sequence[Interaction]) -> list[UserSequence]:
-    """Each user's interactions, in order; users in order of first appearance."""
+    def prefix(self, n: int) -> UserSequence:
+        return UserSequence(self.user_id, self.items[:n], self.types[:n], self.ts_ms[:n])
+
+
+def user_sequences(interactions: Iterable[Interaction]) -> list[UserSequence]:
+    """Each user's interactions in the given (time) order; users in order of first event."""
     by_user: dict[str, UserSequence] = {}
     for it in interactions:
         seq = by_user.get(it.user_id)
@@ -313,28 +416,137 @@ def user_sequences(interactions: Sequence[Interaction]) -> list[UserSequence]:
     return list(by_user.values())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class HeldOut:
+    """A held-out event: predict ``item`` from ``history`` (everything the user did before)."""
+
+    history: UserSequence
+    item: str
+    user_items: frozenset[str]  # every item of the user, held-out ones included
+
+
+@dataclass(frozen=True, slots=True)
 class Split:
-    """Leave-one-out, as in the SASRec paper: per user, the last item is test, the one before
-    it validation, the rest training. Users with fewer than 3 interactions train only."""
+    """Leave-one-out, as in the SASRec paper: per user the last event is the test case, the
+    one before it the validation case, and everything before that is training data."""
 
     train: list[UserSequence]
-    valid: list[tuple[UserSequence, str]]  # (history, held-out item)
-    test: list[tuple[UserSequence, str]]
+    valid: list[HeldOut]
+    test: list[HeldOut]
 
 
-def _prefix(seq: UserSequence, n: int) -> UserSequence:
-    return UserSequence(seq.user_id, seq.items[:n], seq.types[:n], seq.ts_ms[:n])
+def leave_one_out(sequences: Sequence[UserSequence],
+                  target_types: Iterable[str] | None = None) -> Split:
+    """Split each user's sequence: last target event test, the one before validation.
 
-
-def leave_one_out(sequences: Sequence[UserSequence]) -> Split:
-    train, valid, test = [], [], []
+    Users with fewer than 3 events (3 target events) only train, as in SASRec. With
+    ``target_types`` (e.g. ``{"add_to_cart"}``) only events of those types are held out:
+    test is the last such event, validation the one before, training is everything before
+    the validation event, and events after the test event are dropped (on Instacart the
+    purchases that echo a basket's cart adds would otherwise make the task trivial).
+    """
+    wanted = frozenset(target_types) if target_types is not None else None
+    if wanted is not None and not wanted <= set(EVENT_TYPES):
+        raise DataError(f"target types {sorted(wanted)} are not all in {EVENT_TYPES}")
+    train: list[UserSequence] = []
+    valid: list[HeldOut] = []
+    test: list[HeldOut] = []
     for seq in sequences:
-        n = len(seq.items)
-        if n < 3:
+        positions: Sequence[int]
+        if wanted is None:
+            positions = range(len(seq))
+        else:
+            positions = [i for i, t in enumerate(seq.types) if t in wanted]
+        if len(positions) < 3:
             train.append(seq)
             continue
-        train.append(_prefix(seq, n - 2))
-        valid.append((_prefix(seq, n - 2), seq.items[n - 2]))
-        test.append((_prefix(seq, n - 1), seq.items[n - 1]))
+        v, t = positions[-2], positions[-1]
+        everything = frozenset(seq.items[: t + 1])
+        train.append(seq.prefix(v))
+        valid.append(HeldOut(seq.prefix(v), seq.items[v], everything))
+        test.append(HeldOut(seq.prefix(t), seq.items[t], everything))
     return Split(train, valid, test)
+
+
+# --- as model indices ----------------------------------------------------------------------
+
+def type_ids(types: Iterable[str]) -> np.ndarray:
+    """Event-type ids (EVENT_TYPES index + 1) as int64."""
+    return np.fromiter((TYPE_IDS[t] for t in types), dtype=np.int64)
+
+
+def left_pad(rows: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """(B, T) int64: each row's last min(n, T) values right-aligned, zeros before them.
+
+    T is the longest kept row (at most ``max_len``), so a batch of short histories stays
+    narrow. Vectorised: one concatenate and one scatter, however many rows.
+    """
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    kept = np.minimum(lengths, max_len)
+    T = int(kept.max()) if len(rows) else 0
+    out = np.zeros((len(rows), T), dtype=np.int64)
+    if T == 0:
+        return out
+    flat = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows])
+    row = np.repeat(np.arange(len(rows)), kept)
+    offset = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+    source = np.repeat(np.cumsum(lengths) - kept, kept) + offset  # the last `kept` of each row
+    out[row, T - kept[row] + offset] = flat[source]
+    return out
+
+
+@dataclass(frozen=True)
+class Cases:
+    """Held-out events as indices: predict ``targets[u]`` from history ``items[u]``/``types[u]``."""
+
+    items: list[np.ndarray]  # each history, oldest first, untruncated
+    types: list[np.ndarray]
+    targets: np.ndarray  # (U,) index of the held-out item (an OOV bucket if unknown)
+    user_items: list[np.ndarray]  # every item of the user (sampled negatives avoid them)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """A leave-one-out split as vocabulary indices, with what evaluation needs beside it."""
+
+    train_items: list[np.ndarray]
+    train_types: list[np.ndarray]
+    train_targets: list[np.ndarray]  # per train sequence: 1 where the event may be a target
+    valid: Cases
+    test: Cases
+    popularity: np.ndarray  # (vocab_size,) count of each index among training targets
+    repeat_share: float  # share of training targets already in the user's earlier events
+
+
+def encode_split(split: Split, vocab: Vocabulary,
+                 target_types: Iterable[str] | None = None) -> EncodedSplit:
+    wanted = frozenset(target_types) if target_types is not None else frozenset(EVENT_TYPES)
+    wanted_ids = np.array(sorted(TYPE_IDS[t] for t in wanted), dtype=np.int64)
+    train_items = [vocab.indices(s.items) for s in split.train]
+    train_types = [type_ids(s.types) for s in split.train]
+    train_targets = [np.isin(t, wanted_ids) for t in train_types]
+
+    popularity = np.zeros(1 + vocab.n_items + vocab.n_oov_buckets, dtype=np.int64)
+    repeats = total = 0
+    for items, is_target in zip(train_items, train_targets, strict=True):
+        np.add.at(popularity, items[is_target], 1)
+        seen: set[int] = set()
+        for item, target in zip(items.tolist(), is_target.tolist(), strict=True):
+            if target:
+                total += 1
+                repeats += item in seen
+            seen.add(item)
+    return EncodedSplit(train_items, train_types, train_targets,
+                        _cases(split.valid, vocab), _cases(split.test, vocab),
+                        popularity, repeats / max(total, 1))
+
+
+def _cases(held: Sequence[HeldOut], vocab: Vocabulary) -> Cases:
+    return Cases(
+        items=[vocab.indices(h.history.items) for h in held],
+        types=[type_ids(h.history.types) for h in held],
+        targets=vocab.indices([h.item for h in held]),
+        user_items=[vocab.indices(sorted(h.user_items)) for h in held])

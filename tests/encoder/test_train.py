@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from encoder.data import Interaction, encode_split, leave_one_out, user_sequences
+from encoder.evaluate import EvalSettings, evaluate_model
+from encoder.model import EncoderConfig, EncoderModel
+from encoder.train import TrainConfig, TrainResult, build_vocabulary, make_windows, train
+from tests.encoder.conftest import patterned_interactions
+
+
+def test_training_lowers_the_loss_and_beats_an_untrained_model(trained: TrainResult) -> None:
+    losses = [h["loss"] for h in trained.history]
+    assert losses[-1] < losses[0] * 0.8
+    torch.manual_seed(123)
+    untrained = EncoderModel(trained.model.cfg).eval()
+    settings = EvalSettings(exclude_history=False)
+    before = evaluate_model(untrained, trained.split.popularity, trained.split.valid, settings)
+    after = trained.valid
+    assert after["model"]["full"]["NDCG@10"] > before["model"]["full"]["NDCG@10"] + 0.2
+    assert after["model"]["sampled"]["HR@10"] > 0.9  # the walk is predictable
+    assert after["model"]["full"]["NDCG@10"] > after["popularity"]["full"]["NDCG@10"]
+
+
+def test_the_chosen_epoch_is_the_best_on_validation(trained: TrainResult) -> None:
+    best = max(trained.history, key=lambda h: h["valid"]["full"]["NDCG@10"])
+    assert trained.best_epoch == best["epoch"]
+    assert trained.valid["model"]["full"] == best["valid"]["full"]
+    assert set(trained.test) == {"model", "popularity"}
+
+
+def test_windows_make_every_training_event_after_the_first_a_target_once() -> None:
+    rows = patterned_interactions(n_users=5, length=30)
+    vocab = build_vocabulary(rows, 4)
+    split = encode_split(leave_one_out(user_sequences(rows)), vocab)
+    windows = make_windows(split, max_len=12)
+    # Each user trains on 28 events: 27 targets, in windows of at most 12 inputs.
+    assert (windows.targets != 0).sum() == 5 * 27
+    assert len(windows.lengths) == 5 * 3
+    assert windows.items.shape[1] == 12
+    for w in range(len(windows.lengths)):
+        n = windows.lengths[w]
+        assert (windows.items[w, : 12 - n] == 0).all() and (windows.items[w, 12 - n :] > 0).all()
+
+
+def test_training_is_reproducible_with_a_seed() -> None:
+    rows = patterned_interactions(n_users=30, length=8)
+    cfg = EncoderConfig(max_len=8, d_model=8, n_heads=2, d_ff=16, n_oov_buckets=2)
+    config = TrainConfig(epochs=2, batch_size=8, seed=5)
+    first = train(rows, cfg, config, progress=False, log=lambda _: None)
+    second = train(rows, cfg, config, progress=False, log=lambda _: None)
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert first.test == second.test
+
+
+def test_target_types_restrict_what_is_predicted() -> None:
+    rows = [Interaction("u", f"i{k}", "add_to_cart" if k % 2 else "view", k) for k in range(10)]
+    rows += [Interaction("v", f"i{k}", "add_to_cart" if k % 2 else "view", k) for k in range(10)]
+    vocab = build_vocabulary(rows, 2)
+    split = encode_split(leave_one_out(user_sequences(rows), {"add_to_cart"}), vocab,
+                         {"add_to_cart"})
+    windows = make_windows(split, max_len=8)
+    targets = windows.targets[windows.targets != 0]
+    assert set(np.unique(targets).tolist()) <= {vocab.index(f"i{k}") for k in (1, 3, 5)}
