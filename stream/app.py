@@ -1,25 +1,41 @@
-"""The faust application: topics, tables and agents, wired to the hot path. Wiring only.
+"""The faust application: topics, tables, timers and the batch handler. Wiring only.
 
-Nothing here runs at import time: :func:`create_app` builds an app from settings, so tests and
+Nothing runs at import time: :func:`create_app` builds a worker from settings, so tests and
 several workers can live side by side.
+
+Tables (RocksDB, each with a changelog topic, all co-partitioned with `events`):
+
+- ``users``: encoded :class:`~stream.state.UserState` per user;
+- ``coupon-budgets``: per partition, what that partition reserved of each campaign;
+- ``open-carts``: users with an open cart and its time, scanned by the abandonment timer;
+- ``preferences``: the `user-preferences` topic, read by a (per-event) agent.
+
+The coupon catalog is read by every worker in full (:mod:`stream.catalog`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
+import orjson
 from faust.types import TP
 
 from stream.batching import BatchingApp
-from stream.config import Settings
-from stream.events import Limits
+from stream.catalog import CouponCatalog
+from stream.config import KafkaSettings, Settings
+from stream.events import Limits, Reason, Rejection, dead_letter
 from stream.metrics import Metrics
-from stream.pipeline import Pipeline, Record
+from stream.models import ModelWatcher
+from stream.pipeline import Pipeline, Topics
+from stream.policy import Preferences
+from stream.topics import sasl_password, ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +44,30 @@ log = logging.getLogger(__name__)
 class Worker:
     """A built application and the objects a runner or test needs to reach."""
 
-    app: faust.App
+    app: BatchingApp
     pipeline: Pipeline
     metrics: Metrics
+    models: ModelWatcher
+    catalog: CouponCatalog
+
+
+def broker_credentials(kafka: KafkaSettings) -> Any:
+    """faust's form of the connection security in the settings (None for PLAINTEXT)."""
+    protocol = kafka.security_protocol
+    context = ssl_context(kafka) if protocol in ("SSL", "SASL_SSL") else None
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=kafka.sasl_username,
+                                     password=sasl_password(kafka), ssl_context=context,
+                                     mechanism=kafka.sasl_mechanism)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return None
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
     kafka, worker = settings.kafka, settings.worker
     return {
+        "broker_credentials": broker_credentials(kafka),
         "broker": [f"kafka://{server}" for server in kafka.bootstrap_servers.split(",")],
         "store": "rocksdb://",
         "datadir": str(Path(worker.data_dir).resolve()),
@@ -45,40 +77,215 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         # The worker serves Prometheus metrics itself; faust's web server is not needed.
         "web_enabled": False,
         "consumer_auto_offset_reset": "earliest",
+        "broker_session_timeout": worker.session_timeout_seconds,
         "producer_acks": -1,
     }
 
 
+class TableStore:
+    """The pipeline's :class:`~stream.pipeline.Store` on faust tables.
+
+    faust tables choose their RocksDB partition and changelog partition from the event being
+    processed; the batch handler has none, so each access runs in a partition context.
+    """
+
+    def __init__(self, app: BatchingApp, events_topic: str, partitions: int) -> None:
+        self.app = app
+        self.events_topic = events_topic
+        table = dict(key_type=bytes, value_type=bytes, partitions=partitions, default=None)
+        self.users = app.Table("users", help="Encoded user state, by user id.", **table)
+        self.budgets = app.Table("coupon-budgets", help="Per-partition coupon reservations.",
+                                 **table)
+        self.carts = app.Table("open-carts", help="Open carts: user id -> cart time.", **table)
+        self.preferences = app.Table("preferences", help="user-preferences, by user id.",
+                                     **table)
+
+    def _context(self, partition: int) -> Any:
+        return self.app.partition_context(self.events_topic, partition)
+
+    def get_users(self, partition: int, user_ids: Sequence[str]) -> dict[str, bytes]:
+        with self._context(partition):
+            found = {uid: self.users.get(uid.encode()) for uid in user_ids}
+        return {uid: raw for uid, raw in found.items() if raw is not None}
+
+    def put_users(self, partition: int, records: Mapping[str, bytes]) -> None:
+        with self._context(partition):
+            for uid, raw in records.items():
+                self.users[uid.encode()] = raw
+
+    def get_budgets(self, partition: int) -> dict[str, bytes]:
+        with self._context(partition):
+            return {key.decode(): raw for key, raw in self._partition_items(self.budgets,
+                                                                             partition)}
+
+    def put_budgets(self, partition: int, records: Mapping[str, bytes]) -> None:
+        with self._context(partition):
+            for coupon_id, raw in records.items():
+                self.budgets[coupon_id.encode()] = raw
+
+    def get_preferences(self, partition: int, user_id: str) -> bytes | None:
+        with self._context(partition):
+            raw: bytes | None = self.preferences.get(user_id.encode())
+        return raw
+
+    def set_open_carts(self, partition: int, carts: Mapping[str, int | None]) -> None:
+        with self._context(partition):
+            for uid, cart_ts in carts.items():
+                if cart_ts is None:
+                    self.carts.pop(uid.encode(), None)
+                else:
+                    self.carts[uid.encode()] = orjson.dumps({"ts": cart_ts, "p": partition})
+
+    def due_carts(self, before_ms: int) -> list[tuple[int, str]]:
+        due = []
+        for key, raw in self.carts.items():
+            if raw is None:
+                continue
+            body = orjson.loads(raw)
+            if body["ts"] <= before_ms:
+                due.append((int(body["p"]), key.decode()))
+        return due
+
+    async def flush(self) -> None:
+        """Wait until the broker has every changelog write of the batch, before it is acked.
+
+        faust queues changelog records in its own buffer and a background task moves them to
+        the producer. Were offsets committed first (and under exactly-once, the transaction
+        closed), the records would land in the next transaction, and a crash in between would
+        lose them. faust's own buffer flush gives up after 0.1 s per message; this waits.
+        Then the producer itself is flushed: faust commits offsets without waiting for the
+        changelog, so on a rebalance the partition's next owner could restore its state from
+        a changelog that does not yet hold writes whose offsets were already committed.
+        """
+        buffer = self.app.producer.buffer
+        while buffer.size:
+            await buffer.flush()
+            if buffer.size:
+                await asyncio.sleep(0.001)
+        await self.app.producer.flush()
+
+    def estimated_users(self) -> int:
+        """RocksDB's key estimate over this worker's partitions (counting would scan them)."""
+        dbs = getattr(self.users.data, "_dbs", {})
+        return sum(int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+                   for db in dbs.values())
+
+    @staticmethod
+    def _partition_items(table: Any, partition: int) -> list[tuple[bytes, bytes]]:
+        """Keys of one partition: the same coupon id lives in every partition's database."""
+        db = table.data._db_for_partition(partition)
+        return [(k, v) for k, v in table.data._visible_items(db) if v is not None]
+
+
+class ProducerSink:
+    """The pipeline's :class:`~stream.pipeline.Sink` on faust's producer.
+
+    Under exactly-once, a record derived from input partition p goes through p's transactional
+    producer, so it commits (or aborts) together with p's offsets and changelog writes. faust's
+    own Topic.send would not do that for topics its consumer does not subscribe to.
+    """
+
+    def __init__(self, app: BatchingApp, events_topic: str) -> None:
+        self.app = app
+        self.events_topic = events_topic
+
+    async def send(self, topic: str, key: bytes | None, value: bytes,
+                   source_partition: int) -> Awaitable[Any]:
+        transactional_id = None
+        if self.app.in_transaction:
+            group = self.app.assignor.group_for_topic(self.events_topic)
+            transactional_id = f"{self.app.conf.id}-{group}-{source_partition}"
+        fut: Awaitable[Any] = await self.app.producer.send(
+            topic, key, value, partition=None, timestamp=None, headers=None,
+            transactional_id=transactional_id)
+        return fut
+
+    async def flush(self) -> None:
+        await self.app.producer.flush()
+
+
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     metrics = metrics or Metrics()
-    kafka = settings.kafka
-    app = BatchingApp(settings.worker.app_id, **faust_settings(settings),
-                      batch_max_records=settings.worker.batch_max_events,
-                      batch_linger_seconds=settings.worker.batch_max_seconds)
+    kafka, worker = settings.kafka, settings.worker
+    app = BatchingApp(worker.app_id, **faust_settings(settings),
+                      batch_max_records=worker.batch_max_events,
+                      batch_linger_seconds=worker.batch_max_seconds)
 
     def raw_topic(name: str, partitions: int | None = None) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
                          value_serializer="raw", partitions=partitions)
 
     events_topic = raw_topic(kafka.events_topic, kafka.partitions)
-    outputs = {name: raw_topic(name) for name in (kafka.dlq_topic, kafka.decisions_topic)}
-
-    async def send(topic: str, key: bytes | None, value: bytes) -> None:
-        await outputs[topic].send(key=key, value=value)
-
+    preferences_topic = raw_topic(kafka.preferences_topic, kafka.partitions)
+    store = TableStore(app, kafka.events_topic, kafka.partitions)
+    catalog = CouponCatalog(kafka)
+    models = ModelWatcher(worker.checkpoint or None, metrics)
     contract = settings.contract
     pipeline = Pipeline(
         limits=Limits(max_record_bytes=contract.max_record_bytes,
                       max_future_skew_ms=int(contract.max_future_skew_seconds * 1000),
                       min_event_time_ms=contract.min_event_time_ms),
-        dlq_topic=kafka.dlq_topic, send=send, metrics=metrics)
+        topics=Topics(dlq=kafka.dlq_topic, decisions=kafka.decisions_topic,
+                      vectors=kafka.vectors_topic),
+        store=store, sink=ProducerSink(app, kafka.events_topic), metrics=metrics,
+        model=models, policy_config=settings.policy, coupons=catalog.snapshot,
+        partitions=kafka.partitions)
 
     async def process_events(batches: Mapping[TP, Sequence[Any]]) -> None:
-        records = [Record(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key,
-                          value=r.value, timestamp_ms=r.timestamp)
-                   for part in batches.values() for r in part]
-        await pipeline.process(records)
+        await pipeline.process([r for part in batches.values() for r in part])
+        consumer = app.consumer
+        for tp, part in batches.items():
+            lag = consumer.highwater(tp) - (part[-1].offset + 1)
+            metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, lag))
 
     app.batch_topic(events_topic, process_events)
 
-    return Worker(app=app, pipeline=pipeline, metrics=metrics)
+    @app.agent(preferences_topic, name="preferences")
+    async def read_preferences(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            key, value = message.key, message.value
+            if key is not None and value is None:
+                store.preferences.pop(key, None)  # a tombstone forgets the user's settings
+                continue
+            try:
+                if key is None:
+                    raise ValueError("preferences record without a user id key")
+                Preferences.from_json(value)
+            except (ValueError, TypeError, AttributeError) as exc:
+                rejection = Rejection(Reason.NOT_JSON if isinstance(exc, orjson.JSONDecodeError)
+                                      else Reason.INVALID_VALUE, str(exc)[:200])
+                metrics.records_rejected.labels(reason=rejection.reason.value).inc()
+                await app.producer.send(kafka.dlq_topic, key, dead_letter(
+                    rejection, raw=value, key=key, topic=message.topic,
+                    partition=message.partition, offset=message.offset,
+                    at_ms=int(time.time() * 1000)), None, None, None)
+                continue
+            store.preferences[key] = value
+
+    @app.timer(settings.policy.cart_check_seconds, name="abandoned-carts")
+    async def abandoned_carts() -> None:
+        if not app.consumer.assignment():
+            return
+        async with app.consumer.batch_lock:  # never interleave with a batch's writes
+            await pipeline.check_carts()
+
+    @app.timer(worker.model_poll_seconds, name="model-watch")
+    async def watch_model() -> None:
+        await models.poll()
+
+    @app.timer(60.0, name="minute-summary")
+    async def minute_summary() -> None:
+        pipeline.log_summary()
+
+    @app.timer(15.0, name="state-gauges")
+    async def state_gauges() -> None:
+        metrics.users_in_state.set(store.estimated_users())
+
+    @app.task
+    async def follow_catalog() -> None:
+        await catalog.run()
+
+    return Worker(app=app, pipeline=pipeline, metrics=metrics, models=models, catalog=catalog)
+
+

@@ -9,17 +9,18 @@ faust's own bookkeeping, so faust still owns everything else: group membership, 
 assignment (co-partitioned with the state table's changelog), offset commits, transactions,
 table recovery and standbys.
 
-Contract with faust (pinned at faust-streaming 0.15.3; tests/stream/test_batching.py exercises
-it against the real broker):
+Contract with faust (pinned at faust-streaming 0.15.3; tests/stream and tests/reliability
+exercise it against the real broker):
 
 - records of batch topics are processed only while the consumer's flow is active, in the
   generation they were fetched in, and only for partitions still assigned; otherwise they are
-  dropped and faust's seek to the committed offset fetches them again;
+  dropped, and a partition still assigned is sought back so they are fetched again;
 - a partition is revoked only between batches (:attr:`BatchingConsumer.batch_lock`), so the
   table never loses a partition under a batch that is writing to it;
 - offsets become committable only after the handler returned, i.e. after state writes and
-  output sends were handed to the producer (at-least-once: a crash before the commit replays
-  the batch; state de-duplicates by event id and decisions carry deterministic ids).
+  output sends were delivered (at-least-once: a crash before the commit replays the batch;
+  state skips records at or below each user's last applied offset, and decisions carry
+  deterministic ids).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import faust
 from faust.events import Event as FaustEvent
 from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, Message
 
 #: Processes one fetch: each partition's records (aiokafka ConsumerRecords, offset order).
 BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
@@ -92,7 +93,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         async with self.batch_lock:
             if (not self.flow_active or self.should_stop
                     or self.app.consumer_generation_id != generation):
-                return  # faust seeks back to the committed offsets and fetches them again
+                await self._fetch_again(batches)
+                return
             fresh: dict[TP, list[Any]] = {}
             for tp, records in batches.items():
                 if active is not None and tp not in active:
@@ -111,6 +113,25 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
             await self.commit()
+
+    async def _fetch_again(self, batches: Mapping[TP, Sequence[Any]]) -> None:
+        """Records dropped because a rebalance overtook them must be fetched again.
+
+        faust seeks every assigned partition to its committed offset when the new assignment
+        starts, but the dropped records may come from a fetch made *after* that seek; left
+        alone, the consumer would go on past them: never processed, never acknowledged, and
+        the partition's commits stuck at the hole. Seeking back to the earliest of them, or
+        to the consumer's position if that is earlier, reads them again either way.
+        """
+        if self.should_stop:
+            return  # stopping: the next owner starts from the committed offsets
+        assigned = self.assignment()
+        for tp, records in batches.items():
+            if tp not in assigned or not records:
+                continue
+            position = await self.position(tp)
+            first = records[0].offset
+            await self.seek(tp, first if position is None else min(first, position))
 
     async def _note_gaps(self, tp: TP, read: int | None, records: Sequence[Any]) -> None:
         """Offsets with no record (transaction markers, compaction) must not block commits."""
@@ -164,14 +185,15 @@ class BatchingApp(faust.App):
         self.topics.add(topic)
 
     @contextmanager
-    def partition_context(self, tp: TP, record: Any) -> Iterator[None]:
-        """Make faust's tables and sends see ``record`` as the event being processed.
+    def partition_context(self, topic: str, partition: int) -> Iterator[None]:
+        """Make faust's tables see an event of ``topic``'s ``partition`` being processed.
 
         faust's Table picks the RocksDB partition and the changelog partition from the
         "current event"; inside a batch handler there is none, so we provide one per partition.
         """
-        message = self.consumer._to_message(tp, record)
-        event = FaustEvent(self, record.key, record.value, None, message)
+        message = Message(topic, partition, -1, 0.0, 0, None, None, None, None,
+                          tp=TP(topic, partition))
+        event = FaustEvent(self, None, None, None, message)
         token = _current_event.set(weakref.ref(event))
         try:
             yield

@@ -275,20 +275,73 @@ def replay(context: Context, dataset: str | None, interactions: Path | None, use
 
 
 @main.command("demo")
-@click.option("--dataset", default="instacart", help="Named dataset to replay.")
+@click.option("--dataset", default="instacart", help="Named dataset to train on and replay.")
 @click.option("--limit", type=int, default=20_000, help="Events to replay.")
 @click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where named datasets live [default: ../shared/datasets].")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               default=Path(".promo/demo"), help="Scratch directory (wiped at start).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".promo/models"), help="Where the demo model is kept and reused.")
+@click.option("--train-minutes", type=float, default=3.0,
+              help="Time budget to train the demo model when none is there yet.")
 @click.option("--keep-running", is_flag=True, help="Leave broker and worker up until Ctrl-C.")
 @pass_context
 def demo(context: Context, dataset: str, limit: int, datasets_dir: Path | None, workdir: Path,
-         keep_running: bool) -> None:
-    """Run promo-stream end to end on a local broker with real data, then stop everything."""
+         models_dir: Path, train_minutes: float, keep_running: bool) -> None:
+    """Run promo-stream end to end on a local broker with real data, then stop everything.
+
+    Trains (or reuses) a small encoder, starts a broker and a worker, publishes a small coupon
+    catalog and a few users' preferences, replays real events plus a few malformed records,
+    and prints what the worker did, with example decisions and their reasons.
+    """
+    import dataclasses
+
     from stream.demo import run_demo
 
     settings = context.settings
+    # Carts left open at the end of the slice get their reminder within the demo's run.
+    settings = dataclasses.replace(settings, policy=dataclasses.replace(
+        settings.policy, cart_abandon_seconds=5.0, cart_check_seconds=1.0))
     name, rows = _load_interactions(settings, dataset, None, "", "", "", None, datasets_dir)
     run_demo(settings, dataset=name, rows=rows, limit=limit, workdir=workdir.resolve(),
+             models_dir=models_dir.resolve(), train_minutes=train_minutes,
              keep_running=keep_running)
+
+
+@main.command("report")
+@click.option("--url", default=None,
+              help="A worker's metrics URL [default: http://worker.metrics_host:"
+                   "worker.metrics_port/metrics].")
+@click.option("--duration", type=float, default=60.0, help="Seconds to watch.")
+@click.option("--interval", type=float, default=1.0, help="Seconds between scrapes.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("promo-report.png"), help="The PNG to write.")
+@click.option("--save-json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also keep the raw samples, to re-draw later with --from-json.")
+@click.option("--from-json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Draw samples saved earlier instead of scraping.")
+@pass_context
+def report(context: Context, url: str | None, duration: float, interval: float, out: Path,
+           save_json: Path | None, from_json: Path | None) -> None:
+    """Chart throughput, decisions, latency and lag of a running worker as a PNG."""
+    from tqdm import tqdm
+
+    from stream import report as charts
+
+    if from_json is not None:
+        samples = charts.load(from_json)
+    else:
+        worker = context.settings.worker
+        url = url or f"http://{worker.metrics_host}:{worker.metrics_port}/metrics"
+        total = int(duration / interval) + 1
+        with tqdm(total=total, unit="scrape", desc=f"watching {url}") as bar:
+            try:
+                samples = charts.record(url, duration, interval,
+                                        on_sample=lambda n: bar.update(1))
+            except OSError as exc:
+                raise click.ClickException(f"cannot scrape {url}: {exc}") from exc
+        if save_json:
+            charts.save(samples, save_json)
+    charts.render(samples, out)
+    click.echo(f"wrote {out} ({len(samples)} samples)")

@@ -56,6 +56,9 @@ class WorkerSettings:
     app_id: str = "promo-stream"
     data_dir: str = ".promo/worker"
     processing_guarantee: str = "at_least_once"  # or exactly_once
+    # A worker that dies silently keeps its partitions until this expires (faust's default is
+    # 60 s); heartbeats go every 3 s, so 10 s tolerates three missed ones.
+    session_timeout_seconds: float = 10.0
     # A micro-batch closes when it holds batch_max_events or batch_max_seconds have passed
     # since its first fetch, whichever comes first; under load a single fetch fills it.
     batch_max_events: int = 2000
@@ -64,6 +67,35 @@ class WorkerSettings:
     metrics_port: int = 9464
     log_level: str = "info"
     log_format: str = "text"  # or json
+    checkpoint: str = ""  # encoder checkpoint directory (or a symlink to one); "" = none
+    model_poll_seconds: float = 5.0  # how often to look for a newer checkpoint there
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The decision policy's knobs (stream/policy.py explains the order they apply in)."""
+
+    holdout_percent: float = 10.0
+    push_daily_cap: int = 3
+    push_min_interval_seconds: float = 4 * 3600.0
+    coupon_daily_cap: int = 1
+    coupon_min_interval_seconds: float = 24 * 3600.0
+    quiet_start_hour: int = 22  # local time; no sends from 22:00 ...
+    quiet_end_hour: int = 8  # ... to 08:00
+    default_timezone: str = "UTC"
+    # Users without a preferences record: the shop's terms decide; opt-in is the default here.
+    default_push_opt_in: bool = True
+    default_coupon_opt_in: bool = True
+    repeat_view_threshold: int = 3  # views of one item within the sequence = purchase intent
+    cart_abandon_seconds: float = 1800.0
+    cold_start_events: int = 3  # fewer events than this: popularity fallbacks
+    push_items: int = 3
+    # Propensity above `no_coupon_propensity` gets no coupon; above `half_discount_propensity`
+    # gets half the coupon's value.
+    no_coupon_propensity: float = 0.8
+    half_discount_propensity: float = 0.5
+    explain_items: int = 2  # recent items named in the reasons
+    cart_check_seconds: float = 5.0  # how often the worker looks for abandoned carts
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,7 @@ class Settings:
     contract: ContractSettings = field(default_factory=ContractSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def datasets_dir(self) -> Path:
         from encoder.data import default_datasets_dir
@@ -162,6 +195,16 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+
+
+def as_environment(settings: Settings) -> dict[str, str]:
+    """The environment that hands ``settings`` to a child `promo` process: this process's
+    environment without its own ``PROMO_*`` variables, plus every setting as one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
+    for section in dataclasses.fields(settings):
+        for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
+            env[f"PROMO_{section.name.upper()}_{name.upper()}"] = str(value)
+    return env
 
 
 def as_toml(settings: Settings) -> str:

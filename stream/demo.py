@@ -1,8 +1,9 @@
 """`promo demo`: the whole product end to end on this machine, then everything stopped.
 
-local KRaft broker -> `promo worker` subprocess -> replay of a real dataset slice (plus a few
-malformed records, to show the dead-letter path) -> wait until the worker has accounted for every
-record -> print what happened -> stop the worker and the broker.
+train (or reuse) a small encoder on real data -> local KRaft broker -> a coupon catalog and a
+few users' preferences -> `promo worker` subprocess -> replay of a real dataset slice (plus a
+few malformed records, to show the dead-letter path) -> wait until the worker has accounted for
+every record -> print what happened and a few decisions with their reasons -> stop.
 """
 
 from __future__ import annotations
@@ -16,46 +17,69 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.kafka import launcher
-from stream.config import Settings
+from encoder.data import Interaction
+from stream.config import Settings, as_environment
+from stream.policy import Coupon, Preferences, daytime_timezone
 from stream.replay import produce
-
-#: Records that break the contract in different ways; each must end up in the DLQ.
-MALFORMED: list[tuple[bytes | None, bytes | None]] = [
-    (b"demo-user", b"{this is not json"),
-    (b"demo-user", b'["an", "array"]'),
-    (b"demo-user", b'{"event_id": "m1", "user_id": "demo-user", "type": "view", "ts": 1}'),
-    (b"demo-user", orjson.dumps({"event_id": "m2", "user_id": "demo-user", "type": "teleport",
-                                 "item_id": "x", "ts": int(time.time() * 1000)})),
-    (None, orjson.dumps({"event_id": "m3", "user_id": "demo-user", "type": "view",
-                         "item_id": "x", "ts": int(time.time() * 1000)})),
-]
+from stream.topics import client_kwargs, ensure_topics
 
 
-def _env_for(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
-    for section in dataclasses.fields(settings):
-        for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
-            env[f"PROMO_{section.name.upper()}_{name.upper()}"] = str(value)
-    return env
+def malformed_records() -> list[tuple[bytes | None, bytes | None]]:
+    """Records that break the contract in different ways; each must end up in the DLQ."""
+    now = int(time.time() * 1000)
+    return [
+        (b"demo-user", b"{this is not json"),
+        (b"demo-user", b'["an", "array"]'),
+        (b"demo-user", b'{"event_id": "m1", "user_id": "demo-user", "type": "view", "ts": 1}'),
+        (b"demo-user", orjson.dumps({"event_id": "m2", "user_id": "demo-user",
+                                     "type": "teleport", "item_id": "x", "ts": now})),
+        (None, orjson.dumps({"event_id": "m3", "user_id": "demo-user", "type": "view",
+                             "item_id": "x", "ts": now})),
+    ]
+
+
+def demo_catalog(rows: list[Interaction]) -> list[Coupon]:
+    """Campaigns on the slice's most bought items, plus a store-wide one; small budgets, so
+    the demo shows budgets binding."""
+    bought = Counter(r.item_id for r in rows if r.event_type in ("purchase", "add_to_cart"))
+    top = [item for item, _ in bought.most_common(6)]
+    day = 86_400_000
+    now = int(time.time() * 1000)
+    return [
+        Coupon("fresh-favourites", value=2.0, budget=40.0, items=tuple(top[:3]),
+               valid_from_ms=now - day, valid_to_ms=now + 7 * day),
+        Coupon("pantry-staples", value=1.0, budget=15.0, items=tuple(top[3:6]),
+               valid_from_ms=now - day, valid_to_ms=now + 7 * day, max_exposures=12),
+        Coupon("welcome-5", value=5.0, budget=400.0, min_spend=30.0,
+               valid_from_ms=now - day, valid_to_ms=now + 7 * day),
+    ]
+
+
+def demo_preferences(rows: list[Interaction]) -> dict[str, Preferences]:
+    users = sorted({r.user_id for r in rows})
+    prefs = {u: Preferences(push_opt_in=False, coupon_opt_in=False) for u in users[:5]}
+    prefs |= {u: Preferences(push_opt_in=True, coupon_opt_in=False) for u in users[5:10]}
+    return prefs
 
 
 def _scrape(url: str) -> dict[str, dict[str, float]]:
-    """{metric sample name: {label value: value}} for the single-label metrics we print."""
+    """{sample name: {label values joined by '/': value}}."""
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            label = next(iter(s.labels.values()), "")
-            out.setdefault(s.name, {})[label] = s.value
+            out.setdefault(s.name, {})["/".join(s.labels.values())] = s.value
     return out
 
 
@@ -67,62 +91,78 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def run_demo(settings: Settings, *, dataset: str, rows: list, limit: int,  # type: ignore[type-arg]
-             workdir: Path, keep_running: bool) -> None:
-    say = lambda text: click.secho(text, bold=True, err=True)  # noqa: E731
+def ensure_model(dataset: str, models_dir: Path, minutes: float) -> Path:
+    """Reuse the demo model if one was trained before, else train one (bounded in time)."""
+    out = models_dir / f"{dataset}-demo"
+    if (out / "manifest.json").exists():
+        click.secho(f"    reusing the model in {out}", err=True)
+        return out
+    click.secho(f"    training a small encoder on {dataset} (at most {minutes:g} min)...",
+                err=True)
+    subprocess.run([sys.executable, "-m", "stream", "train", "--dataset", dataset, "--out",
+                    str(out), "--max-minutes", str(minutes), "--overwrite"], check=True)
+    return out
+
+
+def run_demo(settings: Settings, *, dataset: str, rows: list[Interaction], limit: int,
+             workdir: Path, models_dir: Path, train_minutes: float,
+             keep_running: bool) -> None:
+    def say(text: str) -> None:
+        click.secho(text, bold=True, err=True)
+
+    rows = rows[:limit]
+    say(f"1/6 encoder model for {dataset}")
+    checkpoint = ensure_model(dataset, models_dir, train_minutes)
     broker_dir = workdir / "broker"
     launcher.stop(broker_dir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-
-    say(f"1/5 starting Kafka {launcher.kafka_version()} (KRaft) in {broker_dir}")
+    say(f"2/6 starting Kafka {launcher.kafka_version()} (KRaft) in {broker_dir}")
     cluster = launcher.start(broker_dir, nodes=1)
     metrics_port = launcher.free_port()
     settings = dataclasses.replace(
         settings,
         kafka=dataclasses.replace(settings.kafka, bootstrap_servers=cluster.bootstrap_servers),
         worker=dataclasses.replace(settings.worker, data_dir=str(workdir / "worker"),
-                                   metrics_port=metrics_port))
+                                   metrics_port=metrics_port, checkpoint=str(checkpoint)),
+        # Replayed users have no time zone; at night in the default one quiet hours would hold
+        # back every push and coupon, so the demo places them where it is afternoon now.
+        policy=dataclasses.replace(settings.policy,
+                                   default_timezone=daytime_timezone(int(time.time() * 1000))))
     worker_log = workdir / "worker.log"
     worker: subprocess.Popen[bytes] | None = None
     try:
-        say(f"2/5 starting the worker (log: {worker_log})")
+        coupons, prefs = demo_catalog(rows), demo_preferences(rows)
+        asyncio.run(_publish_setup(settings, coupons, prefs))
+        say(f"3/6 starting the worker (log: {worker_log}); users without a time zone are "
+            f"placed in {settings.policy.default_timezone}, where it is daytime now")
         with open(worker_log, "wb") as log_file:
             worker = subprocess.Popen([sys.executable, "-m", "stream", "worker"],
-                                      env=_env_for(settings), stdout=log_file,
+                                      env=as_environment(settings), stdout=log_file,
                                       stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: b"worker ready" in worker_log.read_bytes() or worker.poll() is not None,
               120, "the worker to join its group")
         if worker.poll() is not None:
             raise click.ClickException(f"the worker exited:\n{worker_log.read_text()[-3000:]}")
 
-        say(f"3/5 replaying {min(limit, len(rows)):,} real events from {dataset}, "
-            f"plus {len(MALFORMED)} malformed records")
-        result = asyncio.run(produce(settings.kafka, rows, id_prefix=dataset, limit=limit))
-        asyncio.run(_produce_malformed(settings))
-        expected = result.produced + len(MALFORMED)
-
+        bad = malformed_records()
+        say(f"4/6 replaying {len(rows):,} real events from {dataset}, "
+            f"plus {len(bad)} malformed records")
+        result = asyncio.run(produce(settings.kafka, rows, id_prefix=dataset))
+        asyncio.run(_produce(settings, settings.kafka.events_topic, bad))
+        expected = result.produced + len(bad)
         url = f"http://{settings.worker.metrics_host}:{metrics_port}/metrics"
-        say(f"4/5 waiting for the worker to account for all {expected:,} records ({url})")
+        say(f"5/6 waiting for the worker to account for all {expected:,} records")
 
         def accounted() -> int:
             m = _scrape(url)
             return int(sum(m.get("promo_stream_events_consumed_total", {}).values())
                        + sum(m.get("promo_stream_records_rejected_total", {}).values()))
 
-        _wait(lambda: accounted() >= expected, 300, f"{expected} records to be processed")
-        metrics = _scrape(url)
-        say("5/5 what happened")
-        click.echo(f"  replayed   {result.produced:,} events in {result.seconds:.1f}s "
-                   f"({result.rate:,.0f}/s)")
-        for event_type, n in sorted(metrics["promo_stream_events_consumed_total"].items()):
-            click.echo(f"  consumed   {int(n):>8,}  {event_type}")
-        for reason, n in sorted(metrics["promo_stream_records_rejected_total"].items()):
-            if n:
-                click.echo(f"  rejected   {int(n):>8,}  {reason} -> {settings.kafka.dlq_topic}")
-        batches = metrics.get("promo_stream_batch_size_records_count", {}).get("", 0)
-        click.echo(f"  batches    {int(batches):>8,}")
-        click.echo(f"  metrics    {url}")
+        _wait(lambda: accounted() >= expected, 600, f"{expected} records to be processed")
+        time.sleep(settings.policy.cart_abandon_seconds + 2)  # let open carts get reminders
+        say("6/6 what happened")
+        _summary(settings, _scrape(url), result.produced, result.seconds, coupons, url)
         if keep_running:
             say("running until Ctrl-C (broker and worker stay up)")
             try:
@@ -142,15 +182,78 @@ def run_demo(settings: Settings, *, dataset: str, rows: list, limit: int,  # typ
         say("stopped worker and broker")
 
 
-async def _produce_malformed(settings: Settings) -> None:
-    from aiokafka import AIOKafkaProducer
+def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced: int,
+             seconds: float, coupons: list[Coupon], url: str) -> None:
+    echo = click.echo
+    echo(f"  replayed {produced:,} events in {seconds:.1f}s ({produced / seconds:,.0f}/s)")
+    for event_type, n in sorted(metrics["promo_stream_events_consumed_total"].items()):
+        if n:
+            echo(f"  consumed  {int(n):>8,}  {event_type}")
+    for reason, n in sorted(metrics["promo_stream_records_rejected_total"].items()):
+        if n:
+            echo(f"  rejected  {int(n):>8,}  {reason} -> {settings.kafka.dlq_topic}")
+    echo("  triggers:")
+    for kind, n in sorted(metrics["promo_decisions_triggers_total"].items()):
+        echo(f"            {int(n):>8,}  {kind}")
+    echo("  decisions by action / arm:")
+    for key, n in sorted(metrics["promo_decisions_published_total"].items()):
+        echo(f"            {int(n):>8,}  {key}")
+    decisions = asyncio.run(_read(settings, settings.kafka.decisions_topic))
+    spent = Counter()
+    for d in decisions:
+        if d["action"] == "coupon" and d["arm"] == "treatment":
+            spent[d["coupon"]["coupon_id"]] += d["coupon"]["discount"]
+    for coupon in coupons:
+        echo(f"  coupon {coupon.coupon_id:<17} issued {spent[coupon.coupon_id]:>6.2f} "
+             f"of budget {coupon.budget:.2f}")
+    echo("  example decisions:")
+    shown: set[tuple[str, str]] = set()
+    for d in decisions:
+        kind = f"{d['action']}/{d['arm']}"
+        trigger = d["reasons"][0]["code"]
+        if (kind, trigger) in shown or len(shown) >= 5:
+            continue
+        shown.add((kind, trigger))
+        what = d["coupon"] or d["push"] or {}
+        reasons = ", ".join(r["code"] + (f" {r['items']}" if r.get("items") else "")
+                            for r in d["reasons"])
+        echo(f"    user {d['user_id']:>6}: {kind:<18} {orjson.dumps(what).decode()}")
+        echo(f"                 reasons: {reasons}")
+    echo(f"  model {decisions[0]['model_version'] if decisions else '-'}, "
+         f"metrics were served at {url}")
 
-    from stream.topics import client_kwargs
 
+async def _publish_setup(settings: Settings, coupons: list[Coupon],
+                         prefs: dict[str, Preferences]) -> None:
+    await ensure_topics(settings.kafka)
+    await _produce(settings, settings.kafka.coupons_topic,
+                   [(c.coupon_id.encode(), c.to_json()) for c in coupons])
+    await _produce(settings, settings.kafka.preferences_topic,
+                   [(u.encode(), p.to_json()) for u, p in prefs.items()])
+
+
+async def _produce(settings: Settings, topic: str,
+                   records: list[tuple[bytes | None, bytes | None]]) -> None:
     producer = AIOKafkaProducer(**client_kwargs(settings.kafka), acks="all")
     await producer.start()
     try:
-        for key, value in MALFORMED:
-            await producer.send_and_wait(settings.kafka.events_topic, value, key=key)
+        for key, value in records:
+            await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
+
+
+async def _read(settings: Settings, topic: str) -> list[dict]:  # type: ignore[type-arg]
+    consumer = AIOKafkaConsumer(topic, **client_kwargs(settings.kafka), group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    found: list[dict] = []  # type: ignore[type-arg]
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=1500)
+            if not batch:
+                return found
+            for records in batch.values():
+                found.extend(orjson.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()

@@ -48,6 +48,8 @@ class Reason(enum.StrEnum):
     KEY_MISMATCH = "key_mismatch"
     # Decided by the user's state, not by the record alone: an event_id already applied.
     DUPLICATE_EVENT = "duplicate_event"
+    # Valid, but deciding on it raised an unexpected error: kept here instead of crashing.
+    PROCESSING_ERROR = "processing_error"
 
 
 @dataclass(frozen=True, slots=True)

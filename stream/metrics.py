@@ -17,11 +17,15 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     start_http_server,
 )
 
 from encoder.data import EVENT_TYPES
 from stream.events import Reason
+
+# `*_created` series double the exposition for no use on dashboards or alerts.
+disable_created_metrics()
 
 ACTIONS = ("coupon", "push", "none")
 ARMS = ("treatment", "holdout")
@@ -45,6 +49,10 @@ class Metrics:
             "promo_stream_records_rejected",
             "Records rejected and sent to the dead-letter topic, by reason.", ["reason"],
             registry=r)
+        self.records_redelivered = Counter(
+            "promo_stream_records_redelivered",
+            "Records skipped because their user's state already holds them (redelivered "
+            "after a crash or a rebalance, at-least-once).", registry=r)
         self.consumer_lag = Gauge(
             "promo_stream_consumer_lag_records",
             "Records in the events topic not yet processed, per assigned partition.",

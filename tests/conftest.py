@@ -1,17 +1,28 @@
-"""Shared fixtures. Tests that claim Kafka behaviour use the real broker started here."""
+"""Shared fixtures. Tests that claim Kafka behaviour use the real broker started here;
+workers run as `promo worker` subprocesses with small encoder checkpoints built from real data."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import os
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from deploy.kafka import launcher
+from encoder import checkpoint
+from encoder.data import load_dataset
+from encoder.model import EncoderConfig, EncoderModel
+from encoder.vocab import Vocabulary
 from stream.config import Settings, load_settings
+from stream.topics import ensure_topics
+from tests.support import PromoProcess
+from tests.workers import worker_env
 
 
 @pytest.fixture(scope="session")
@@ -45,10 +56,49 @@ def settings(bootstrap: str, tmp_path: Path) -> Settings:
     return dataclasses.replace(base, kafka=kafka, worker=worker)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that hands ``settings`` to a `promo` subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
-    for section in dataclasses.fields(settings):
-        for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
-            env[f"PROMO_{section.name.upper()}_{name.upper()}"] = str(value)
-    return env
+def build_checkpoint(out: Path, dataset: str = "instacart", seed: int = 0,
+                     n_event_types: int = 4) -> str:
+    """A small checkpoint over a real dataset's vocabulary and popularity, weights from
+    ``seed``. The streaming tests check plumbing (vectors equal the offline encoder's, the
+    version travels with decisions), which does not depend on how well the model ranks."""
+    rows = load_dataset(dataset)
+    counts = Counter(r.item_id for r in rows)
+    vocab = Vocabulary([item for item, _ in counts.most_common()], n_oov_buckets=16)
+    torch.manual_seed(seed)
+    model = EncoderModel(EncoderConfig(n_items=vocab.n_items, n_oov_buckets=16, d_model=32,
+                                       n_event_types=n_event_types))
+    popularity = np.zeros(model.cfg.vocab_size, dtype=np.int64)
+    for item, n in counts.items():
+        popularity[vocab.index(item)] = n
+    return checkpoint.save(out, model, vocab, popularity, {"seed": seed, "dataset": dataset})
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    build_checkpoint(root / "v1", seed=1)
+    build_checkpoint(root / "v2", seed=2)
+    return {"v1": root / "v1", "v2": root / "v2"}
+
+
+@pytest.fixture
+def run_worker(settings: Settings,
+               tmp_path: Path) -> Iterator[Callable[..., tuple[PromoProcess, int]]]:
+    """Start `promo worker` subprocesses for this test's settings; stopped (and required to
+    exit cleanly) at the end."""
+    asyncio.run(ensure_topics(settings.kafka))  # before a test produces coupons or prefs
+    started: list[PromoProcess] = []
+
+    def start(checkpoint: Path | None, env: dict[str, str] | None = None,
+              **policy: str) -> tuple[PromoProcess, int]:
+        port = launcher.free_port()
+        proc = PromoProcess(["worker"],
+                            worker_env(settings, port, checkpoint, **policy) | (env or {}),
+                            tmp_path / f"worker-{len(started)}.log")
+        started.append(proc)
+        proc.wait_for_log("worker ready", timeout=120)
+        return proc, port
+
+    yield start
+    for proc in started:
+        assert proc.stop() == 0, proc.log_tail()

@@ -15,6 +15,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream.config import Settings, as_environment
+
 PROMO = str(Path(sys.executable).with_name("promo"))
 
 
@@ -119,3 +121,8 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.25, what: s
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands ``settings`` to a `promo` subprocess."""
+    return as_environment(settings)

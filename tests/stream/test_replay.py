@@ -14,8 +14,7 @@ from encoder.data import load_dataset
 from stream.config import Settings
 from stream.events import Event, parse_event
 from stream.replay import to_events
-from tests.conftest import settings_env
-from tests.support import PROMO, consume_all
+from tests.support import PROMO, consume_all, settings_env
 
 pytestmark = pytest.mark.kafka
 

@@ -18,8 +18,15 @@ from encoder.data import load_dataset
 from stream.config import Settings
 from stream.events import Reason
 from stream.replay import to_events
-from tests.conftest import settings_env
-from tests.support import PromoProcess, consume_all, produce_raw, sample, scrape, wait_until
+from tests.support import (
+    PromoProcess,
+    consume_all,
+    produce_raw,
+    sample,
+    scrape,
+    settings_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.kafka
 

@@ -1,0 +1,81 @@
+"""The coupon catalog: every worker reads the whole compacted `coupons` topic, live.
+
+Campaigns are few and every worker needs all of them, so this is a plain consumer outside the
+consumer group (like a faust GlobalTable): assigned every partition, reading from the beginning,
+then following new records. A tombstone (null value) ends a campaign; an unreadable record is
+logged and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stream.config import KafkaSettings
+from stream.policy import Coupon
+from stream.topics import client_kwargs
+
+log = logging.getLogger(__name__)
+
+
+class CouponCatalog:
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+        self._coupons: dict[str, Coupon] = {}
+        self._caught_up = asyncio.Event()
+
+    def snapshot(self) -> Mapping[str, Coupon]:
+        return self._coupons
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            log.warning("coupon record without key skipped")
+            return
+        coupon_id = key.decode(errors="replace")
+        if value is None:
+            self._coupons.pop(coupon_id, None)
+            return
+        try:
+            self._coupons[coupon_id] = Coupon.from_json(coupon_id, value)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable coupon %s skipped: %s", coupon_id, exc)
+
+    async def wait_caught_up(self, timeout: float = 30.0) -> None:
+        await asyncio.wait_for(self._caught_up.wait(), timeout)
+
+    async def run(self) -> None:
+        """Follow the topic forever; a failure is logged and retried, never fatal."""
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("coupon catalog reader failed; retrying in 5 s")
+                await asyncio.sleep(5)
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(**client_kwargs(self.kafka), group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(self.kafka.coupons_topic) or {0}
+            tps = [TopicPartition(self.kafka.coupons_topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for records in batch.values():
+                    for record in records:
+                        self.apply(record.key, record.value)
+                if not self._caught_up.is_set():
+                    positions = [await consumer.position(tp) for tp in tps]
+                    if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                        self._caught_up.set()
+                    log.info("coupon catalog loaded", extra={"coupons": len(self._coupons)})
+        finally:
+            await consumer.stop()

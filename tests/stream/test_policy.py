@@ -1,0 +1,280 @@
+"""The decision policy, as pure functions: consent, holdout, caps, quiet hours, budgets,
+propensity tiers, cold start, and the decision contract."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import orjson
+import pytest
+
+from encoder.inference import item_key
+from stream.config import PolicyConfig
+from stream.events import Event
+from stream.policy import (
+    POLICY_VERSION,
+    Context,
+    Coupon,
+    Preferences,
+    Trigger,
+    cart_abandoned,
+    decide,
+    event_triggers,
+    in_holdout,
+    in_quiet_hours,
+    partition_budget,
+)
+from stream.state import UserState, apply_events
+
+NOON = 1_760_011_200_000  # 2025-10-09 12:00 UTC
+ITEMS = [f"i{n}" for n in range(20)]
+
+
+class TableModel:
+    """A fixed embedding table standing in for the encoder (the policy only reads scores)."""
+
+    model_version = "test-model-1"
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.table = rng.normal(size=(len(ITEMS) + 1, 8)).astype(np.float32)
+        self.table[0] = 0
+        self.index = {item: n + 1 for n, item in enumerate(ITEMS)}
+        self.by_key = {item_key(item): n for item, n in self.index.items()}
+
+    def popular_items(self, k: int) -> np.ndarray:
+        return np.arange(len(ITEMS), 0, -1)[:k]  # i19 (index 20) most popular
+
+    def item_indices(self, item_ids: Sequence[str]) -> np.ndarray:
+        return np.asarray([self.index.get(i, 0) for i in item_ids], dtype=np.int64)
+
+    def item_indices_from_keys(self, keys: np.ndarray) -> np.ndarray:
+        return np.asarray([self.by_key.get(int(k), 0) for k in keys], dtype=np.int64)
+
+    def item_id(self, index: int) -> str | None:
+        return ITEMS[index - 1] if 1 <= index <= len(ITEMS) else None
+
+    def item_vectors(self, indices: np.ndarray) -> np.ndarray:
+        return self.table[np.asarray(indices)]
+
+    def score_items(self, vectors: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+        if candidates is None:
+            return vectors @ self.table[1:].T
+        return np.einsum("bd,bcd->bc", vectors, self.table[candidates])
+
+    def top_items(self, vectors: np.ndarray, k: int,
+                  exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.score_items(vectors)
+        for row, excluded in enumerate(exclude or []):
+            for index in excluded:
+                if index > 0:
+                    scores[row, index - 1] = -np.inf
+        top = np.argsort(-scores, axis=1)[:, :k]
+        return top + 1, np.take_along_axis(scores, top, axis=1)
+
+
+def user_with(events: list[Event]) -> UserState:
+    s = UserState()
+    apply_events(s, events)
+    return s
+
+
+def ev(n: int, kind: str, item: str, ts: int = NOON - 60_000) -> Event:
+    return Event(event_id=f"e{n}", user_id="u", type=kind, item_id=item, ts=ts + n)
+
+
+def active_user() -> UserState:
+    return user_with([ev(n, "view", ITEMS[n]) for n in range(5)]
+                     + [ev(9, "add_to_cart", "i3")])
+
+
+def coupon(**changes: object) -> Coupon:
+    base = Coupon(coupon_id="c1", value=5.0, budget=1000.0, items=("i3", "i4"))
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def ctx(coupons: list[Coupon] | None = None, config: PolicyConfig | None = None,
+        partitions: int = 1, now: int = NOON) -> Context:
+    coupons = [coupon()] if coupons is None else coupons
+    return Context(config=config or PolicyConfig(holdout_percent=0),
+                   coupons={c.coupon_id: c for c in coupons},
+                   budgets={c.coupon_id: partition_budget(c, 0, partitions) for c in coupons},
+                   model=TableModel(), now_ms=now)
+
+
+CART = Trigger("cart_add", "e9", ("i3",), NOON)
+VECTOR = np.ones(8, np.float16)
+
+
+def test_a_cart_add_gets_the_coupon_for_that_item_with_reasons() -> None:
+    d = decide("u1", active_user(), VECTOR, CART, None, ctx())
+    assert d is not None and d.action == "coupon" and d.arm == "treatment"
+    assert d.coupon == {"coupon_id": "c1", "discount": 5.0, "min_spend": 0.0,
+                        "expires_at": coupon().valid_to_ms}
+    codes = [r["code"] for r in d.reasons]
+    assert codes[0] == "cart_add" and "coupon_match" in codes
+    assert d.model_version == "test-model-1" and d.policy_version == POLICY_VERSION
+    body = orjson.loads(d.to_json())
+    assert set(body) == {"decision_id", "user_id", "action", "coupon", "push", "score",
+                         "reasons", "arm", "model_version", "policy_version",
+                         "trigger_event_id", "created_at"}
+
+
+def test_decision_ids_are_deterministic_per_user_trigger_and_policy() -> None:
+    a = decide("u1", active_user(), VECTOR, CART, None, ctx())
+    b = decide("u1", active_user(), VECTOR, CART, None, ctx())
+    c = decide("u2", active_user(), VECTOR, CART, None, ctx())
+    assert a is not None and b is not None and c is not None
+    assert a.decision_id == b.decision_id != c.decision_id
+
+
+def test_users_opted_out_of_everything_get_no_record_at_all() -> None:
+    prefs = Preferences(push_opt_in=False, coupon_opt_in=False)
+    assert decide("u1", active_user(), VECTOR, CART, prefs, ctx()) is None
+
+
+def test_coupon_opt_out_leaves_a_push() -> None:
+    prefs = Preferences(push_opt_in=True, coupon_opt_in=False)
+    d = decide("u1", active_user(), VECTOR, CART, prefs, ctx())
+    assert d is not None and d.action == "push"
+    assert d.push is not None and len(d.push["items"]) == 3
+    assert "coupon_opted_out" in [r["code"] for r in d.reasons]
+
+
+def test_holdout_is_a_deterministic_tenth_and_spends_nothing() -> None:
+    share = np.mean([in_holdout(f"user-{n}", 10.0) for n in range(20_000)])
+    assert 0.09 < share < 0.11
+    holdout_user = next(f"user-{n}" for n in range(1000) if in_holdout(f"user-{n}", 10.0))
+    context = ctx(config=PolicyConfig(holdout_percent=10.0))
+    d = decide(holdout_user, active_user(), VECTOR, CART, None, context)
+    assert d is not None and d.arm == "holdout" and not d.to_send
+    assert context.budgets["c1"].spent == 0 and context.budgets["c1"].exposures == 0
+
+
+def test_daily_caps_and_minimum_intervals_block_a_channel() -> None:
+    s = active_user()
+    s.channels["coupon"].record_send(NOON - 3_600_000)  # one coupon today already
+    d = decide("u1", s, VECTOR, CART, None, ctx())
+    assert d is not None and d.action == "push"
+    assert "coupon_daily_cap" in [r["code"] for r in d.reasons]
+    s.channels["push"].record_send(NOON - 60_000)  # a push a minute ago
+    d = decide("u1", s, VECTOR, CART, None, ctx())
+    assert d is not None and d.action == "none"
+    assert "push_min_interval" in [r["code"] for r in d.reasons]
+
+
+def test_quiet_hours_follow_the_users_time_zone() -> None:
+    config = PolicyConfig()
+    assert not in_quiet_hours(NOON, "UTC", config)
+    assert in_quiet_hours(NOON, "Pacific/Auckland", config)  # 01:00 the next day there
+    prefs = Preferences(push_opt_in=True, coupon_opt_in=True, timezone="Pacific/Auckland")
+    d = decide("u1", active_user(), VECTOR, CART, prefs, ctx())
+    assert d is not None and d.action == "none"
+    assert "quiet_hours" in [r["code"] for r in d.reasons]
+
+
+def test_a_budget_is_never_exceeded_even_with_many_eligible_users_in_one_batch() -> None:
+    c = coupon(budget=52.0, value=5.0)
+    context = ctx([c])
+    issued = 0.0
+    for n in range(100):
+        d = decide(f"user-{n}", active_user(), VECTOR, CART, None, context)
+        if d is not None and d.action == "coupon":
+            assert d.coupon is not None
+            issued += d.coupon["discount"]
+    assert issued <= 52.0
+    assert issued == 50.0  # ten coupons fit, the eleventh would overspend
+    assert context.budgets["c1"].spent == 50.0
+
+
+def test_partition_shares_sum_to_the_budget_and_the_exposure_cap() -> None:
+    c = coupon(budget=100.0, max_exposures=10)
+    shares = [partition_budget(c, p, 4) for p in range(4)]
+    assert sum(b.share for b in shares) == pytest.approx(100.0)
+    assert sum(b.exposure_share for b in shares) == 10
+
+
+def test_exposure_caps_limit_a_coupon() -> None:
+    context = ctx([coupon(max_exposures=2)])
+    actions = [decide(f"user-{n}", active_user(), VECTOR, CART, None, context) for n in range(5)]
+    assert [d.action for d in actions if d is not None].count("coupon") == 2
+
+
+def test_pacing_releases_a_campaign_budget_over_its_window() -> None:
+    c = coupon(budget=100.0, value=5.0, valid_from_ms=NOON, valid_to_ms=NOON + 10 * 86_400_000)
+    context = ctx([c], now=NOON + 3_600_000)  # an hour into ten days: a tenth released
+    sent = [decide(f"user-{n}", active_user(), VECTOR, CART, None, context) for n in range(40)]
+    assert [d.action for d in sent if d is not None].count("coupon") == 2  # 10.0 / 5.0
+
+
+def test_expired_or_future_coupons_are_not_offered() -> None:
+    for c in (coupon(valid_to_ms=NOON - 1), coupon(valid_from_ms=NOON + 1)):
+        d = decide("u1", active_user(), VECTOR, CART, None, ctx([c]))
+        assert d is not None and d.action == "push"
+
+
+def test_users_likely_to_buy_anyway_get_no_coupon() -> None:
+    loyal = user_with([ev(n, "purchase", ITEMS[n % 10]) for n in range(30)]
+                      + [ev(99, "add_to_cart", "i3")])
+    d = decide("u1", loyal, VECTOR, CART, None, ctx())
+    assert d is not None and d.action == "push"
+    assert "likely_to_buy_anyway" in [r["code"] for r in d.reasons]
+
+
+def test_cold_start_users_get_popular_items_marked_in_the_reasons() -> None:
+    newcomer = user_with([ev(1, "add_to_cart", "new-item")])
+    trigger = Trigger("cart_add", "e1", ("new-item",), NOON)
+    d = decide("u1", newcomer, None, trigger, Preferences(True, False), ctx())
+    assert d is not None and d.action == "push" and d.push is not None
+    assert d.push["items"][0] == "i19"  # the most popular
+    assert {"cold_start", "popular_items"} <= {r["code"] for r in d.reasons}
+
+
+def test_without_a_model_decisions_fall_back_with_a_reason() -> None:
+    context = ctx()
+    context.model = None
+    d = decide("u1", active_user(), None, CART, Preferences(True, False), context)
+    assert d is not None and d.model_version == "none"
+    assert "model_unavailable" in [r["code"] for r in d.reasons]
+
+
+def test_triggers_are_cart_adds_and_repeated_views() -> None:
+    config = PolicyConfig(repeat_view_threshold=3)
+    views = [ev(n, "view", "i7") for n in range(3)]
+    s = user_with(views)
+    assert [t.kind for t in event_triggers(s, views[-1:], config)] == ["repeat_views"]
+    assert event_triggers(s, [], config) == []
+    cart = [ev(10, "add_to_cart", "i2")]
+    apply_events(s, cart)
+    assert [t.kind for t in event_triggers(s, cart, config)] == ["cart_add"]
+
+
+def test_a_cart_is_abandoned_after_the_delay_only_once() -> None:
+    config = PolicyConfig(cart_abandon_seconds=60)
+    s = user_with([ev(1, "add_to_cart", "i2", ts=NOON)])
+    assert not cart_abandoned(s, NOON + 30_000, config)
+    assert cart_abandoned(s, NOON + 61_000, config)
+    s.cart_reminded = True
+    assert not cart_abandoned(s, NOON + 120_000, config)
+    bought = user_with([ev(1, "add_to_cart", "i2", ts=NOON), ev(2, "purchase", "i2", ts=NOON)])
+    assert not cart_abandoned(bought, NOON + 61_000, config)
+
+
+def test_push_reasons_name_recent_items_that_drove_the_choice() -> None:
+    prefs = Preferences(push_opt_in=True, coupon_opt_in=False)
+    d = decide("u1", active_user(), VECTOR, CART, prefs, ctx())
+    assert d is not None
+    named = next(r for r in d.reasons if r["code"] == "similar_to_recent")["items"]
+    assert named and set(named) <= {"i0", "i1", "i2", "i3", "i4"}
+
+
+def test_a_missing_or_stale_vector_is_named_in_the_reasons() -> None:
+    prefs = Preferences(push_opt_in=True, coupon_opt_in=False)
+    missing = decide("u1", active_user(), None, CART, prefs, ctx())
+    stale = decide("u1", active_user(), VECTOR, CART, prefs, ctx(), vector_stale=True)
+    assert missing is not None and stale is not None
+    assert "vector_unavailable" in [r["code"] for r in missing.reasons]
+    assert missing.push is not None and missing.push["items"][0] == "i19"  # popularity
+    assert "stale_vector" in [r["code"] for r in stale.reasons]

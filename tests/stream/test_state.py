@@ -1,0 +1,136 @@
+"""Per-user state: bounded, compact, de-duplicated, and a pure function of the arrival order."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from encoder.inference import item_key
+from stream.events import Event
+from stream.state import (
+    DEDUP_WINDOW,
+    TYPE_ID,
+    UserState,
+    apply_events,
+    decode,
+    encode,
+    encoded_size_bound,
+)
+
+T0 = 1_760_000_000_000
+
+
+def ev(n: int, kind: str = "view", item: str | None = None, ts: int | None = None,
+       price: float | None = None, event_id: str | None = None) -> Event:
+    return Event(event_id=event_id or f"e{n}", user_id="u", type=kind, item_id=item or f"i{n}",
+                 ts=T0 + n * 1000 if ts is None else ts, price=price)
+
+
+def test_events_are_kept_in_time_order_with_types() -> None:
+    s = UserState()
+    applied, dups = apply_events(s, [ev(1), ev(2, "add_to_cart"), ev(3, "purchase")])
+    assert (len(applied), dups) == (3, [])
+    assert list(s.items) == [item_key("i1"), item_key("i2"), item_key("i3")]
+    assert list(s.types) == [TYPE_ID["view"], TYPE_ID["add_to_cart"], TYPE_ID["purchase"]]
+    assert list(s.ts_s) == [(T0 + k * 1000) // 1000 for k in (1, 2, 3)]
+
+
+def test_a_late_event_is_inserted_where_its_time_belongs() -> None:
+    s = UserState()
+    apply_events(s, [ev(1), ev(5)])
+    apply_events(s, [ev(3)])
+    assert list(s.items) == [item_key("i1"), item_key("i3"), item_key("i5")]
+
+
+def test_duplicate_event_ids_are_reported_and_not_applied() -> None:
+    s = UserState()
+    apply_events(s, [ev(1), ev(2)])
+    applied, dups = apply_events(s, [ev(2), ev(3), ev(3)])
+    assert [e.event_id for e in applied] == ["e3"]
+    assert [e.event_id for e in dups] == ["e2", "e3"]
+    assert s.views == 3
+
+
+def test_the_sequence_and_dedup_memory_are_bounded() -> None:
+    s = UserState()
+    apply_events(s, [ev(n) for n in range(200)], max_len=50)
+    assert len(s.items) == len(s.types) == len(s.ts_s) == 50
+    assert s.items[-1] == item_key("i199")
+    assert len(s.recent_event_ids) == DEDUP_WINDOW
+    assert s.views == 200  # counters count everything
+
+
+def test_counters_spend_and_the_open_cart() -> None:
+    s = UserState()
+    apply_events(s, [ev(1, "add_to_cart", "a"), ev(2, "click")])
+    assert (s.cart_item, s.cart_ts_ms) == ("a", T0 + 1000)
+    apply_events(s, [ev(3, "purchase", "a", price=12.5)])
+    assert s.cart_item is None
+    assert (s.carts, s.clicks, s.purchases, s.spend) == (1, 1, 1, 12.5)
+
+
+def test_a_purchase_older_than_the_cart_does_not_close_it() -> None:
+    s = UserState()
+    apply_events(s, [ev(5, "add_to_cart", "b")])
+    apply_events(s, [ev(2, "purchase", "x")])
+    assert s.cart_item == "b"
+
+
+def test_a_new_cart_add_rearms_the_abandonment_reminder() -> None:
+    s = UserState()
+    apply_events(s, [ev(1, "add_to_cart", "a")])
+    s.cart_reminded = True
+    apply_events(s, [ev(2, "add_to_cart", "b")])
+    assert (s.cart_item, s.cart_reminded) == ("b", False)
+
+
+def test_encoding_round_trips_every_field() -> None:
+    s = UserState()
+    apply_events(s, [ev(n, kind) for n, kind in enumerate(["view", "add_to_cart", "click"])])
+    s.vector = np.linspace(-1, 1, 64).astype(np.float16)
+    s.model_version = "abc123def4567890"
+    s.vector_events = 3
+    s.cart_reminded = True
+    s.last_offset = 2**40 + 7
+    s.channels["push"].record_send(T0)
+    back = decode(encode(s))
+    assert back.last_offset == 2**40 + 7
+    assert encode(back) == encode(s)
+    assert back.cart_item == s.cart_item and back.cart_reminded
+    assert back.model_version == "abc123def4567890"
+    assert np.array_equal(back.vector, s.vector)
+    assert back.channels["push"].sends_on(T0 // 86_400_000) == 1
+    assert list(back.items) == list(s.items) and list(back.ts_s) == list(s.ts_s)
+
+
+def test_a_full_record_is_under_one_kilobyte() -> None:
+    s = UserState()
+    apply_events(s, [ev(n, "add_to_cart", item=f"sku-{n:012d}") for n in range(300)])
+    s.vector = np.ones(64, np.float16)
+    s.model_version = "abcdefabcdef0123"
+    s.cart_item = "c" * 64
+    size = len(encode(s))
+    assert size <= encoded_size_bound() < 1024, size
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_state_does_not_depend_on_batch_boundaries(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 80))
+    kinds = data.draw(st.lists(st.sampled_from(["view", "click", "add_to_cart", "purchase"]),
+                               min_size=n, max_size=n))
+    jitter = data.draw(st.lists(st.integers(-5000, 5000), min_size=n, max_size=n))
+    repeats = data.draw(st.lists(st.integers(0, n - 1), max_size=10))
+    events = [ev(k, kinds[k], item=f"i{k % 7}", ts=T0 + k * 1000 + jitter[k]) for k in range(n)]
+    events += [events[r] for r in repeats]  # redeliveries
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(events)), max_size=6)))
+    whole = UserState()
+    apply_events(whole, events)
+    pieces = UserState()
+    start = 0
+    for cut in [*cuts, len(events)]:
+        apply_events(pieces, events[start:cut])
+        pieces = decode(encode(pieces))  # each batch ends with a write and a read
+        start = cut
+    assert encode(pieces) == encode(whole)
