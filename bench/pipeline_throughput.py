@@ -7,66 +7,39 @@
 (b) a naive per-event faust agent (bench/naive_faust.py: table write and send per event): the
     floor;
 (c) promo-stream's worker: validate -> state (RocksDB + changelog) -> one batched encoder call
-    -> decide -> publish, at-least-once.
+    -> decide -> publish, at-least-once;
+(d) two such workers in one consumer group on the same topic (partitions >= 2), on fresh
+    topics pre-filled with the same events: the scale-out ratio d/c on this machine.
 
 All three read the same pre-filled `events` topic (real Instacart events) from the beginning; a
 run's rate is events / (time of the last event processed - time of the first). Writes
-bench/results/pipeline_throughput.{json,png}, merges the ratios into bench/results/summary.json,
-and prints ``c/b`` and ``c/a`` as its last line. ``--profile`` also writes a pyinstrument
-profile of the worker to bench/results/pipeline_profile.txt.
+bench/results/pipeline_throughput.{json,png}, merges the ratios and the mean state record size
+into bench/results/summary.json, and prints ``c/b``, ``c/a`` and ``d/c`` as its last line.
+``--quick`` writes pipeline_throughput_quick.* and touches summary.json only with ``--summary``.
+``--profile`` also writes a pyinstrument profile of the worker to pipeline_profile.txt.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import orjson
+from _common import RESULTS, ROOT, merge_summary, write_json
+from _stream import broker, drain_rate, prefill, quick_checkpoint, real_events, stream_facts
+from _stream import with_topics as on_topics
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deploy.kafka import launcher  # noqa: E402
-from encoder.data import load_dataset  # noqa: E402
-from stream.config import Settings, load_settings  # noqa: E402
-from stream.replay import produce  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
-PROMO = str(Path(sys.executable).with_name("promo"))
-
-
-def machine_facts() -> dict[str, object]:
-    import aiokafka
-    import faust
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True, check=False).stdout.strip()
-    return {"cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "faust": faust.__version__, "aiokafka": aiokafka.__version__,
-            "kafka": launcher.kafka_version(), "git_commit": commit,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def merge_summary(**ratios: float | None) -> None:
-    path = RESULTS / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    summary.update(ratios)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+from stream.config import Settings
 
 
 async def raw_aiokafka(settings: Settings, n: int) -> float:
@@ -109,136 +82,85 @@ def naive_faust(settings: Settings, n: int, workdir: Path) -> float:
     return float(result["events"] / result["seconds"])
 
 
-def processed(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(s.value for family in text_string_to_metric_families(text)
-               for s in family.samples
-               if s.name in ("promo_stream_events_consumed_total",
-                             "promo_stream_records_rejected_total"))
-
-
-def promo_worker(settings: Settings, n: int, workdir: Path, checkpoint: Path,
-                 profile: bool) -> tuple[float, dict[str, float]]:
-    port = launcher.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
-    for section in dataclasses.fields(settings):
-        for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
-            env[f"PROMO_{section.name.upper()}_{name.upper()}"] = str(value)
-    env |= {"PROMO_WORKER_METRICS_PORT": str(port), "PROMO_WORKER_CHECKPOINT": str(checkpoint),
-            "PROMO_WORKER_DATA_DIR": str(workdir / "worker"), "PROMO_WORKER_APP_ID": "bench-promo",
-            "PROMO_WORKER_LOG_LEVEL": "warning"}
-    cmd = [PROMO, "worker"]
-    if profile:
-        cmd = [sys.executable, "-m", "pyinstrument", "-o",
-               str(RESULTS / "pipeline_profile.txt"), "-m", "stream", "worker"]
-    log = open(workdir / "promo-worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        first = last = None
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            try:
-                done = processed(port)
-            except OSError:
-                done = 0.0
-            now = time.perf_counter()
-            if done > 0 and first is None:
-                first = now
-            if done >= n:
-                last = now
-                break
-            if proc.poll() is not None:
-                raise RuntimeError((workdir / "promo-worker.log").read_text()[-3000:])
-            time.sleep(0.05)
-        if first is None or last is None:
-            raise RuntimeError("the worker did not process every event in time")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        stats = {s.name: s.value for family in text_string_to_metric_families(text)
-                 for s in family.samples if not s.labels
-                 and s.name.endswith(("_sum", "_count"))}
-        return n / (last - first), stats
-    finally:
-        proc.terminate()
-        proc.wait(120)
-        log.close()
-
-
-def quick_checkpoint(workdir: Path) -> Path:
-    out = workdir / "model"
-    subprocess.run([PROMO, "train", "--dataset", "instacart", "--out", str(out),
-                    "--epochs", "1", "--no-progress"], check=True, capture_output=True,
-                   timeout=1800)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=300_000,
+    parser.add_argument("--events", type=int, default=100_000,
                         help="events in the topic; (a) and (c) read them all")
-    parser.add_argument("--naive-events", type=int, default=20_000,
+    parser.add_argument("--naive-events", type=int, default=5_000,
                         help="events the naive agent reads (it is slow; its rate is a rate)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="encoder checkpoint for the worker [default: train one epoch]")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--profile", action="store_true", help="profile the worker")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
     args = parser.parse_args()
+    suffix = "_quick" if args.quick else ""
     if args.quick:
         args.events, args.naive_events = 6_000, 1_500
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp:
+    summary = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    out = args.out_dir / f"pipeline_throughput{suffix}"
+    profile = args.out_dir / f"pipeline_profile{suffix}.txt" if args.profile else None
+    with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \
+            broker(Path(tmp), args.partitions) as settings:
         workdir = Path(tmp)
-        cluster = launcher.start(workdir / "broker", nodes=1)
-        try:
-            base = load_settings(environ={})
-            settings = dataclasses.replace(base, kafka=dataclasses.replace(
-                base.kafka, bootstrap_servers=cluster.bootstrap_servers,
-                partitions=args.partitions))
-            rows = load_dataset("instacart")
-            rows = (rows * (args.events // len(rows) + 1))[:args.events]
-            print(f"producing {len(rows):,} real Instacart events...", file=sys.stderr)
-            asyncio.run(produce(settings.kafka, rows, id_prefix="bench", progress=False))
-            checkpoint = args.checkpoint or quick_checkpoint(workdir)
-            print("(a) raw aiokafka getmany + orjson...", file=sys.stderr)
-            raw = asyncio.run(raw_aiokafka(settings, len(rows)))
-            print("(b) naive per-event faust agent...", file=sys.stderr)
-            naive = naive_faust(settings, args.naive_events, workdir)
-            print("(c) promo-stream worker...", file=sys.stderr)
-            promo, stats = promo_worker(settings, len(rows), workdir, checkpoint, args.profile)
-        finally:
-            launcher.stop(workdir / "broker")
+        rows = real_events(args.events)
+        prefill(settings, rows, "bench")
+        checkpoint = args.checkpoint or quick_checkpoint(workdir)
+        print("(a) raw aiokafka getmany + orjson...", file=sys.stderr)
+        raw = asyncio.run(raw_aiokafka(settings, len(rows)))
+        print("(b) naive per-event faust agent...", file=sys.stderr)
+        naive = naive_faust(settings, args.naive_events, workdir)
+        print("(c) promo-stream worker...", file=sys.stderr)
+        promo, stats = drain_rate(settings, len(rows), workdir / "c", checkpoint,
+                                  profile=profile)
+        print("(d) two promo-stream workers...", file=sys.stderr)
+        two = on_topics(settings, "two")
+        prefill(two, rows, "two")
+        pair, _ = drain_rate(two, len(rows), workdir / "d", checkpoint, workers=2)
     result = {
-        "benchmark": "pipeline_throughput", "machine": machine_facts(),
+        "benchmark": "pipeline_throughput", "machine": stream_facts(),
         "config": {"events": len(rows), "naive_events": args.naive_events,
-                   "partitions": args.partitions, "batch_max_events":
-                   base.worker.batch_max_events, "batch_max_seconds":
-                   base.worker.batch_max_seconds, "guarantee": base.worker.processing_guarantee},
-        "events_per_second": {"raw_aiokafka": raw, "naive_faust": naive, "promo": promo},
+                   "partitions": args.partitions,
+                   "batch_max_events": settings.worker.batch_max_events,
+                   "batch_max_seconds": settings.worker.batch_max_seconds,
+                   "guarantee": settings.worker.processing_guarantee},
+        "events_per_second": {"raw_aiokafka": raw, "naive_faust": naive, "promo": promo,
+                              "promo_two_workers": pair},
         "worker_histograms": stats,
-        "ratios": {"promo_over_naive": promo / naive, "promo_over_raw": promo / raw},
+        "ratios": {"promo_over_naive": promo / naive, "promo_over_raw": promo / raw,
+                   "two_workers_over_one": pair / promo},
     }
-    (RESULTS / "pipeline_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result)
-    if not args.quick:
-        merge_summary(pipeline_vs_naive_faust=round(promo / naive, 2),
-                      pipeline_vs_raw_aiokafka=round(promo / raw, 4))
-    print(f"events/s: raw aiokafka {raw:,.0f}, naive faust {naive:,.0f}, promo {promo:,.0f}")
-    print(f"c/b = {promo / naive:.1f}x (goal >= 10x); c/a = {promo / raw:.1%} (goal >= 5%)")
+    write_json(out.with_suffix(".json"), result)
+    plot(result, out.with_suffix(".png"))
+    if summary is not None:
+        state_bytes = (stats.get("promo_state_record_bytes_sum", 0)
+                       / max(1.0, stats.get("promo_state_record_bytes_count", 0)))
+        merge_summary(summary, pipeline_vs_naive_faust=round(promo / naive, 2),
+                      pipeline_vs_raw_aiokafka=round(promo / raw, 4),
+                      state_bytes_per_user=round(state_bytes) or None,
+                      two_workers_over_one=round(pair / promo, 2))
+    print(f"events/s: raw aiokafka {raw:,.0f}, naive faust {naive:,.0f}, promo {promo:,.0f}, "
+          f"two promo workers {pair:,.0f}")
+    print(f"c/b = {promo / naive:.1f}x (goal >= 10x); c/a = {promo / raw:.1%} (goal >= 5%); "
+          f"d/c = {pair / promo:.2f}x")
 
 
-def plot(result: dict) -> None:  # type: ignore[type-arg]
+def plot(result: dict, path: Path) -> None:  # type: ignore[type-arg]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rates = result["events_per_second"]
-    labels = ["(a) raw aiokafka\n+ orjson", "(b) naive faust\nagent", "(c) promo-stream\nworker"]
-    values = [rates["raw_aiokafka"], rates["naive_faust"], rates["promo"]]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(labels, values, color=["#999999", "#cc6666", "#3366cc"])
+    labels = ["(a) raw aiokafka\n+ orjson", "(b) naive faust\nagent", "(c) promo-stream\nworker",
+              "(d) two promo\nworkers"]
+    values = [rates["raw_aiokafka"], rates["naive_faust"], rates["promo"],
+              rates["promo_two_workers"]]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(labels, values, color=["#999999", "#cc6666", "#3366cc", "#6699dd"])
     ax.set_yscale("log")
     ax.set_ylabel("events per second (log scale)")
     ax.set_title(f"Throughput, same broker and events ({result['machine']['cores']} cores)")
@@ -246,7 +168,7 @@ def plot(result: dict) -> None:  # type: ignore[type-arg]
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:,.0f}", ha="center",
                 va="bottom")
     fig.tight_layout()
-    fig.savefig(RESULTS / "pipeline_throughput.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

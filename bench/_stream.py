@@ -1,0 +1,183 @@
+"""What the streaming benchmarks share: a real broker, pre-filled topics, `promo worker`
+processes, and reading their metrics.
+
+Import ``_common`` first (it sets OMP_WAIT_POLICY before torch loads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from _common import machine_facts
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy.kafka import launcher
+from encoder.data import Interaction, load_dataset
+from stream.config import Settings, as_environment, load_settings
+from stream.replay import produce
+
+PROMO = str(Path(sys.executable).with_name("promo"))
+
+
+def stream_facts() -> dict[str, Any]:
+    """Machine facts plus the versions of the streaming stack."""
+    import aiokafka
+    import faust
+
+    return machine_facts() | {"faust": faust.__version__, "aiokafka": aiokafka.__version__,
+                              "kafka": launcher.kafka_version()}
+
+
+@contextmanager
+def broker(workdir: Path, partitions: int) -> Iterator[Settings]:
+    """A single-node KRaft broker for the run, and default settings pointing at it."""
+    cluster = launcher.start(workdir / "broker", nodes=1)
+    try:
+        base = load_settings(environ={})
+        yield dataclasses.replace(base, kafka=dataclasses.replace(
+            base.kafka, bootstrap_servers=cluster.bootstrap_servers, partitions=partitions))
+    finally:
+        launcher.stop(workdir / "broker")
+
+
+def with_topics(settings: Settings, prefix: str) -> Settings:
+    """The same settings on a fresh set of topics and a fresh consumer group."""
+    k = settings.kafka
+    return dataclasses.replace(
+        settings,
+        kafka=dataclasses.replace(
+            k, events_topic=f"{prefix}-{k.events_topic}", dlq_topic=f"{prefix}-{k.dlq_topic}",
+            decisions_topic=f"{prefix}-{k.decisions_topic}",
+            vectors_topic=f"{prefix}-{k.vectors_topic}",
+            coupons_topic=f"{prefix}-{k.coupons_topic}",
+            preferences_topic=f"{prefix}-{k.preferences_topic}"),
+        worker=dataclasses.replace(settings.worker, app_id=f"{prefix}-{settings.worker.app_id}"))
+
+
+def real_events(n: int) -> list[Interaction]:
+    """n real Instacart interactions (the sample repeated if it is shorter)."""
+    rows = load_dataset("instacart")
+    return (rows * (n // len(rows) + 1))[:n]
+
+
+def prefill(settings: Settings, rows: list[Interaction], id_prefix: str) -> None:
+    print(f"producing {len(rows):,} real Instacart events...", file=sys.stderr)
+    asyncio.run(produce(settings.kafka, rows, id_prefix=id_prefix, progress=False))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every unlabelled sample, plus the sums of the labelled ones, by sample name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name] = samples.get(s.name, 0.0) + s.value
+    return samples
+
+
+def accounted(port: int) -> float:
+    """Records a worker has finished with: consumed, rejected or skipped as redelivered."""
+    try:
+        samples = scrape(port)
+    except OSError:
+        return 0.0
+    return sum(samples.get(name, 0.0) for name in (
+        "promo_stream_events_consumed_total", "promo_stream_records_rejected_total",
+        "promo_stream_records_redelivered_total"))
+
+
+@dataclasses.dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Until the worker has joined its group and recovered its state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log.read_text()[-3000:])
+            try:
+                if scrape(self.port).get("promo_worker_ready", 0.0) >= 1:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the worker was not ready after {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
+                 profile: Path | None = None) -> WorkerProcess:
+    """`promo worker` in the background, with its own state directory and metrics port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = launcher.free_port()
+    env = as_environment(settings) | {
+        "PROMO_WORKER_METRICS_PORT": str(port), "PROMO_WORKER_CHECKPOINT": str(checkpoint),
+        "PROMO_WORKER_DATA_DIR": str(workdir / name), "PROMO_WORKER_LOG_LEVEL": "warning"}
+    cmd = [PROMO, "worker"]
+    if profile:
+        cmd = [sys.executable, "-m", "pyinstrument", "-o", str(profile), "-m", "stream",
+               "worker"]
+    log = workdir / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return WorkerProcess(proc, port, log)
+
+
+def drain_rate(settings: Settings, n: int, workdir: Path, checkpoint: Path, workers: int = 1,
+               profile: Path | None = None) -> tuple[float, dict[str, float]]:
+    """Start ``workers`` workers on a pre-filled topic of ``n`` events; events per second from
+    the first record processed to the last, and the first worker's metrics at the end."""
+    started = [start_worker(settings, workdir, checkpoint, f"worker-{i}",
+                            profile if i == 0 else None) for i in range(workers)]
+    try:
+        first = last = None
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            done = sum(accounted(w.port) for w in started)
+            now = time.perf_counter()
+            if done > 0 and first is None:
+                first = now
+            if done >= n:
+                last = now
+                break
+            for w in started:
+                if w.proc.poll() is not None:
+                    raise RuntimeError(w.log.read_text()[-3000:])
+            time.sleep(0.05)
+        if first is None or last is None:
+            raise RuntimeError("the workers did not process every event in time")
+        stats = {name: value for name, value in scrape(started[0].port).items()
+                 if name.endswith(("_sum", "_count"))}
+        return n / (last - first), stats
+    finally:
+        for w in started:
+            w.stop()
+
+
+def quick_checkpoint(workdir: Path) -> Path:
+    """A one-epoch Instacart model, for runs not given ``--checkpoint``."""
+    out = workdir / "model"
+    subprocess.run([PROMO, "train", "--dataset", "instacart", "--out", str(out),
+                    "--epochs", "1", "--no-progress"], check=True, capture_output=True,
+                   timeout=1800)
+    return out
