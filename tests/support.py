@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -126,3 +127,19 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.25, what: s
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands ``settings`` to a `promo` subprocess."""
     return as_environment(settings)
+
+
+def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict[str, float]]:
+    """Run ``bench/<script> --quick`` writing into ``tmp_path``, merging into a summary.json
+    that already holds someone else's key: (its last stdout line, the merged summary)."""
+    root = Path(__file__).resolve().parents[1]
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"someone_elses_key": 1.5}))
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / script), "--quick", *args,
+         "--out-dir", str(tmp_path), "--summary", str(summary)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = json.loads(summary.read_text())
+    assert merged["someone_elses_key"] == 1.5
+    return done.stdout.strip().splitlines()[-1], merged
