@@ -267,7 +267,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     async def abandoned_carts() -> None:
         if not app.consumer.assignment():
             return
-        async with app.consumer.batch_lock:  # never interleave with a batch's writes
+        async with app.consumer.holding_batch_lock():  # never interleave with a batch's writes
             await pipeline.check_carts()
 
     @app.timer(worker.model_poll_seconds, name="model-watch")

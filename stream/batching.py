@@ -15,8 +15,10 @@ exercise it against the real broker):
 - records of batch topics are processed only while the consumer's flow is active, in the
   generation they were fetched in, and only for partitions still assigned; otherwise they are
   dropped, and a partition still assigned is sought back so they are fetched again;
-- a partition is revoked only between batches (:attr:`BatchingConsumer.batch_lock`), so the
-  table never loses a partition under a batch that is writing to it;
+- a partition is revoked, and offsets are committed (under exactly-once: a transaction is
+  closed), only between batches (:meth:`BatchingConsumer.holding_batch_lock`), so the table
+  never loses a partition under a batch that is writing to it, and a transaction never holds
+  half a batch;
 - offsets become committable only after the handler returned, i.e. after state writes and
   output sends were delivered (at-least-once: a crash before the commit replays the batch;
   state skips records at or below each user's last applied offset, and decisions carry
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import faust
@@ -43,12 +45,40 @@ BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
 
 class BatchingConsumer(faust_aiokafka.Consumer):
     _batch_lock: asyncio.Lock | None = None
+    _batch_lock_owner: asyncio.Task[Any] | None = None
 
     @property
     def batch_lock(self) -> asyncio.Lock:
         if self._batch_lock is None:
             self._batch_lock = asyncio.Lock()
         return self._batch_lock
+
+    @asynccontextmanager
+    async def holding_batch_lock(self) -> AsyncIterator[None]:
+        """The batch lock, re-entrant for the task that holds it (a revocation commits)."""
+        task = asyncio.current_task()
+        if task is not None and self._batch_lock_owner is task:
+            yield
+            return
+        async with self.batch_lock:
+            self._batch_lock_owner = task
+            try:
+                yield
+            finally:
+                self._batch_lock_owner = None
+
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Commit only between batches.
+
+        A batch sends its decisions before it writes state and acks its offsets. Under
+        exactly-once, a commit in between would close the transaction with the decisions but
+        without the state and offsets; a crash before the next commit would then replay the
+        batch and publish its decisions a second time, in a second committed transaction.
+        """
+        async with self.holding_batch_lock():
+            committed: bool = await super().commit(topics,
+                                                   start_new_transaction=start_new_transaction)
+            return committed
 
     async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
         generation = self.app.consumer_generation_id
@@ -90,7 +120,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
 
     async def _process(self, handler: BatchHandler, batches: dict[TP, list[Any]], active: Any,
                        generation: int) -> None:
-        async with self.batch_lock:
+        async with self.holding_batch_lock():
             if (not self.flow_active or self.should_stop
                     or self.app.consumer_generation_id != generation):
                 await self._fetch_again(batches)
@@ -153,7 +183,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         self._n_acked += len(offsets)
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
-        async with self.batch_lock:
+        async with self.holding_batch_lock():
             await super().on_partitions_revoked(revoked)
 
 
