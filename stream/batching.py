@@ -13,8 +13,10 @@ Contract with faust (pinned at faust-streaming 0.15.3; tests/stream and tests/re
 exercise it against the real broker):
 
 - records of batch topics are processed only while the consumer's flow is active, in the
-  generation they were fetched in, and only for partitions still assigned; otherwise they are
-  dropped, and a partition still assigned is sought back so they are fetched again;
+  generation they were fetched in, and only for partitions active when the batch is processed;
+  otherwise they are dropped, and a partition still assigned is sought back so they are
+  fetched again (a dropped record never sought back is a hole that blocks the partition's
+  commits for good);
 - a partition is revoked, and offsets are committed (under exactly-once: a transaction is
   closed), only between batches (:meth:`BatchingConsumer.holding_batch_lock`), so the table
   never loses a partition under a batch that is writing to it, and a transaction never holds
@@ -126,9 +128,18 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 await self._fetch_again(batches)
                 return
             fresh: dict[TP, list[Any]] = {}
+            # Active now, not at the first fetch: a linger's later fetch may bring records of
+            # a partition that became active meanwhile (its table recovered), and a partition
+            # may have been paused since. Records of a partition not active now are read
+            # again: by us once it is active, or by its new owner.
+            current = self._get_active_partitions() if active is not None else None
+            inactive = {tp: records for tp, records in batches.items()
+                        if current is not None and tp not in current}
+            if inactive:
+                await self._fetch_again(inactive)
             for tp, records in batches.items():
-                if active is not None and tp not in active:
-                    continue  # revoked since the fetch: the new owner reads them
+                if tp in inactive:
+                    continue
                 read = self._read_offset[tp]
                 kept = records if read is None else [r for r in records if r.offset >= read]
                 if kept:
