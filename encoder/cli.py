@@ -45,6 +45,9 @@ def _data_options(f: F) -> F:
         click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=None, help="Where --dataset names are looked up [default: "
                      "$PROMO_DATASETS_DIR, else ../shared/datasets beside the repository]."),
+        click.option("--from-kafka", is_flag=True,
+                     help="Read the events topic's history instead (kafka.* settings: "
+                          "bootstrap servers, topic, security), up to its current end."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -53,13 +56,15 @@ def _data_options(f: F) -> F:
 
 def _load(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
           time_col: str, type_col: str | None, datasets_dir: Path | None,
-          ) -> tuple[list[data.Interaction], dict[str, Any]]:
-    if (dataset is None) == (interactions is None):
-        raise click.UsageError(f"give --dataset NAME ({_NAMES}) or --interactions FILE.csv, "
-                               "exactly one")
+          from_kafka: bool = False) -> tuple[list[data.Interaction], dict[str, Any]]:
+    if (dataset is not None) + (interactions is not None) + from_kafka != 1:
+        raise click.UsageError(f"give --dataset NAME ({_NAMES}), --interactions FILE.csv or "
+                               "--from-kafka, exactly one")
     source: dict[str, Any]
     try:
-        if interactions is not None:
+        if from_kafka:
+            rows, source = _load_event_log()
+        elif interactions is not None:
             rows = data.load_interactions_csv(interactions, user_col=user_col,
                                               item_col=item_col, time_col=time_col,
                                               type_col=type_col)
@@ -74,6 +79,27 @@ def _load(dataset: str | None, interactions: Path | None, user_col: str, item_co
         raise click.ClickException(str(exc)) from exc
     source["interactions_loaded"] = len(rows)
     return rows, source
+
+
+def _load_event_log() -> tuple[list[data.Interaction], dict[str, Any]]:
+    """The events topic's history, with the settings of the `promo` command line."""
+    from aiokafka.errors import KafkaError
+
+    from stream import eventlog
+    from stream.config import load_settings
+
+    root = click.get_current_context().find_root().obj
+    settings = root.settings if root is not None else load_settings()
+    try:
+        log = eventlog.load(settings.kafka, settings.contract)
+    except KafkaError as exc:
+        raise data.DataError(f"cannot read {settings.kafka.events_topic!r} from "
+                             f"{settings.kafka.bootstrap_servers}: {exc}") from exc
+    if not log.interactions:
+        raise data.DataError(f"topic {settings.kafka.events_topic!r} holds no valid events")
+    if log.skipped:
+        _err(f"skipped records: {dict(log.skipped)}")
+    return log.interactions, log.source(settings.kafka.events_topic)
 
 
 def _target_types(text: str | None) -> tuple[str, ...] | None:
@@ -153,7 +179,8 @@ def _err(message: str) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar per epoch (on stderr).")
 def train(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
-          time_col: str, type_col: str | None, datasets_dir: Path | None, out: Path,
+          time_col: str, type_col: str | None, datasets_dir: Path | None, from_kafka: bool,
+          out: Path,
           overwrite: bool, epochs: int, max_minutes: float, patience: int, seed: int,
           batch_size: int, lr: float, negatives: int, lr_decay: bool, weight_decay: float,
           max_len: int, layers: int,
@@ -180,7 +207,7 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise click.ClickException(f"{out} is not empty; pass --overwrite to replace it")
     rows, source = _load(dataset, interactions, user_col, item_col, time_col, type_col,
-                         datasets_dir)
+                         datasets_dir, from_kafka)
     model_config = EncoderConfig(n_oov_buckets=oov_buckets, max_len=max_len, n_layers=layers,
                                  d_model=d_model, n_heads=heads, d_ff=d_ff, dropout=dropout,
                                  use_event_types=event_types)
@@ -223,7 +250,7 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
               help="Torch threads [default: torch's choice].")
 def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | None,
              user_col: str, item_col: str, time_col: str, type_col: str | None,
-             datasets_dir: Path | None, target_types: str | None, history: str,
+             datasets_dir: Path | None, from_kafka: bool, target_types: str | None, history: str,
              seed: int | None, as_json: bool, threads: int | None) -> None:
     """Evaluate a checkpoint on the test split of a dataset or CSV.
 
@@ -237,13 +264,7 @@ def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | Non
     import torch
 
     from encoder.checkpoint import load
-    from encoder.evaluate import (
-        EvalSettings,
-        auto_exclude_history,
-        describe,
-        evaluate_model,
-        summary,
-    )
+    from encoder.evaluate import describe, summary
 
     if threads:
         torch.set_num_threads(threads)
@@ -251,7 +272,24 @@ def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | Non
         ckpt = load(checkpoint_dir)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    rows, _ = _load(dataset, interactions, user_col, item_col, time_col, type_col, datasets_dir)
+    rows, _ = _load(dataset, interactions, user_col, item_col, time_col, type_col, datasets_dir,
+                    from_kafka)
+    metrics, n_test = _evaluate_on(ckpt, rows, target_types, history, seed)
+    if as_json:
+        sys.stdout.write(json.dumps(summary(n_test, ckpt.vocab.n_items, metrics))
+                         + "\n")
+    else:
+        for line in describe(metrics):
+            click.echo(line)
+
+
+def _evaluate_on(ckpt: Any, rows: list[data.Interaction], target_types: str | None,
+                 history: str, seed: int | None,
+                 ) -> tuple[dict[str, dict[str, dict[str, float]]], int]:
+    """A checkpoint's metrics (beside popularity) on the leave-one-out test split of ``rows``,
+    and the number of test users."""
+    from encoder.evaluate import EvalSettings, auto_exclude_history, evaluate_model
+
     trained = ckpt.metrics.get("data", {}).get("target_types")
     wanted = _target_types(target_types) if target_types else (tuple(trained) if trained
                                                                else None)
@@ -271,9 +309,87 @@ def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | Non
          f"{ckpt.vocab.n_items} items; full ranking "
          f"{'without' if exclude else 'with'} history items; seed {seed}"
          + (f"; {unknown} targets unknown to the model (counted as misses)" if unknown else ""))
-    if as_json:
-        sys.stdout.write(json.dumps(summary(len(split.test), ckpt.vocab.n_items, metrics))
-                         + "\n")
+    return metrics, len(split.test)
+
+
+_METRICS = ("full/NDCG@10", "full/HR@10", "sampled/NDCG@10", "sampled/HR@10")
+
+
+@click.command("publish")
+@click.option("--candidate", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The newly trained checkpoint directory.")
+@click.option("--live", required=True, type=click.Path(path_type=Path),
+              help="The path workers serve from (worker.checkpoint): a symlink that publishing "
+                   "re-points atomically. If it does not exist yet, the candidate is published.")
+@_data_options
+@_target_types_option
+@_history_option
+@click.option("--metric", type=click.Choice(_METRICS), default="full/NDCG@10",
+              show_default=True, help="The agreed metric; the candidate must beat the live "
+              "model on it.")
+@click.option("--min-gain", type=float, default=0.0, show_default=True,
+              help="Publish only if the candidate is better by more than this.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampled negatives (the same for both models).")
+@click.option("--dry-run", is_flag=True, help="Compare, but never re-point --live.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"metric", "live": {"model_version", "value"}, "candidate": {...}, '
+                   '"published"} as one JSON object on stdout.')
+def publish(candidate: Path, live: Path, dataset: str | None, interactions: Path | None,
+            user_col: str, item_col: str, time_col: str, type_col: str | None,
+            datasets_dir: Path | None, from_kafka: bool, target_types: str | None,
+            history: str, metric: str, min_gain: float, seed: int, dry_run: bool,
+            as_json: bool) -> None:
+    """Publish a retrained model if it beats the live one on the same data.
+
+    Evaluates both checkpoints on the same leave-one-out test split (each over its own item
+    vocabulary; a target a model does not know counts as a miss) and, if the candidate is
+    better on --metric, re-points the --live symlink at it. Running workers poll that path
+    (worker.model_poll_seconds) and swap to the new model_version without a restart. Example:
+
+        promo train --from-kafka --out models/v2
+        promo publish --candidate models/v2 --live models/current --from-kafka
+    """
+    import os
+
+    from encoder.checkpoint import load
+
+    rows, _ = _load(dataset, interactions, user_col, item_col, time_col, type_col, datasets_dir,
+                    from_kafka)
+    protocol, name = metric.split("/")
+    try:
+        new = load(candidate)
+        old = load(live) if live.exists() else None
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from exc
+    new_metrics, _ = _evaluate_on(new, rows, target_types, history, seed)
+    new_value = float(new_metrics["model"][protocol][name])
+    old_value = None
+    if old is not None:
+        old_metrics, _ = _evaluate_on(old, rows, target_types, history, seed)
+        old_value = float(old_metrics["model"][protocol][name])
+    if old is not None and old.model_version == new.model_version:
+        better = False
     else:
-        for line in describe(metrics):
-            click.echo(line)
+        better = old_value is None or new_value > old_value + min_gain
+    if better and not dry_run:
+        if live.is_dir() and not live.is_symlink():
+            raise click.ClickException(f"{live} is a directory, not a symlink: point workers "
+                                       "at a symlink (e.g. models/current) so it can be "
+                                       "re-pointed atomically")
+        live.parent.mkdir(parents=True, exist_ok=True)
+        staged = live.with_name(f".{live.name}.{os.getpid()}")
+        os.symlink(candidate.resolve(), staged)
+        os.replace(staged, live)  # atomic: a worker sees the old model or the new, never none
+    result = {"metric": metric,
+              "live": None if old is None else {"model_version": old.model_version,
+                                                "value": old_value},
+              "candidate": {"model_version": new.model_version, "value": new_value},
+              "published": better and not dry_run}
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        was = "none" if old is None else f"{old.model_version} {old_value:.4f}"
+        click.echo(f"{metric}: live {was}; candidate {new.model_version} {new_value:.4f}")
+        click.echo(f"published {live} -> {candidate}" if result["published"]
+                   else "not published")

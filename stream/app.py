@@ -222,9 +222,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     models = ModelWatcher(worker.checkpoint or None, metrics)
     contract = settings.contract
     pipeline = Pipeline(
-        limits=Limits(max_record_bytes=contract.max_record_bytes,
-                      max_future_skew_ms=int(contract.max_future_skew_seconds * 1000),
-                      min_event_time_ms=contract.min_event_time_ms),
+        limits=Limits.from_contract(contract),
         topics=Topics(dlq=kafka.dlq_topic, decisions=kafka.decisions_topic,
                       vectors=kafka.vectors_topic),
         store=store, sink=ProducerSink(app, kafka.events_topic), metrics=metrics,

@@ -90,10 +90,15 @@ class PolicyConfig:
     cart_abandon_seconds: float = 1800.0
     cold_start_events: int = 3  # fewer events than this: popularity fallbacks
     push_items: int = 3
+    push_exclude_recent_hours: float = 24.0  # items touched this recently are never pushed
     # Propensity above `no_coupon_propensity` gets no coupon; above `half_discount_propensity`
     # gets half the coupon's value.
     no_coupon_propensity: float = 0.8
     half_discount_propensity: float = 0.5
+    # Platt calibration of the behavioural propensity score, fitted by `promo simulate` on
+    # held-out data (it prints the values); 1 and 0 leave the score as it is.
+    propensity_logit_scale: float = 1.0
+    propensity_logit_bias: float = 0.0
     explain_items: int = 2  # recent items named in the reasons
     cart_check_seconds: float = 5.0  # how often the worker looks for abandoned carts
 

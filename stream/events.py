@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from encoder.data import EVENT_TYPES
+from stream.config import ContractSettings
 
 SCHEMA_VERSION = 1
 MAX_ID_LENGTH = 256
@@ -88,6 +89,12 @@ class Limits:
     max_record_bytes: int = 16 * 1024
     max_future_skew_ms: int = 300_000
     min_event_time_ms: int = 631_152_000_000  # 1990-01-01
+
+    @classmethod
+    def from_contract(cls, contract: ContractSettings) -> Limits:
+        return cls(max_record_bytes=contract.max_record_bytes,
+                   max_future_skew_ms=int(contract.max_future_skew_seconds * 1000),
+                   min_event_time_ms=contract.min_event_time_ms)
 
 
 _REQUIRED_STRINGS = ("event_id", "user_id", "type", "item_id")

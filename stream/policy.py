@@ -245,14 +245,26 @@ def propensity(state: UserState, now_ms: int) -> float:
     """How likely the user is to buy soon without a nudge, from behaviour alone.
 
     A transparent prior, not a trained model: frequent buyers who convert most carts are
-    likely buyers; recency decays it. Issue 7 calibrates this on held-out data.
+    likely buyers; recency decays it. :func:`calibrated` maps it to a probability with the
+    Platt calibration `promo simulate` fits on held-out data.
     """
     if state.n_events == 0:
         return 0.0
-    conversion = state.purchases / max(1, state.carts + state.purchases)
+    # Purchases per cart add; a log with purchases only (no carts) converts fully.
+    conversion = state.purchases / max(1, state.carts, state.purchases)
     frequency = 1 - math.exp(-state.purchases / 5)
     days_idle = max(0.0, (now_ms / 1000 - state.last_ts_s) / 86400)
     return float(min(1.0, (0.6 * conversion + 0.4 * frequency) * math.exp(-days_idle / 30)))
+
+
+def calibrated(score: float, config: PolicyConfig) -> float:
+    """The propensity score mapped to a probability by the configured Platt calibration
+    (``sigmoid(scale * logit(score) + bias)``; scale 1 and bias 0 are the identity)."""
+    if config.propensity_logit_scale == 1.0 and config.propensity_logit_bias == 0.0:
+        return score
+    p = min(max(score, 1e-4), 1 - 1e-4)
+    z = config.propensity_logit_scale * math.log(p / (1 - p)) + config.propensity_logit_bias
+    return 1 / (1 + math.exp(-z))
 
 
 def _local_hour(now_ms: int, timezone: str) -> int:
@@ -394,7 +406,7 @@ def _choose_coupon(state: UserState, vector: np.ndarray | None, trigger: Trigger
     """The best eligible coupon, the discount to grant, and its score; None (with the reason
     appended to ``blocked``) if no coupon should go out."""
     cfg = ctx.config
-    p = propensity(state, ctx.now_ms)
+    p = calibrated(propensity(state, ctx.now_ms), cfg)
     if p >= cfg.no_coupon_propensity:
         blocked.append("likely_to_buy_anyway")
         return None
@@ -448,7 +460,10 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
         items.append(state.cart_item)
     score = 0.0
     if model is not None:
-        exclude = [int(i) for i in _recent_indices(state, model)]
+        # Not what the user touched lately (in the cart, just bought); older favourites may
+        # come back, which is most of what a grocery customer buys next.
+        touched = state.ts_s * 1000 >= ctx.now_ms - cfg.push_exclude_recent_hours * 3_600_000
+        exclude = [int(i) for i in _recent_indices(state, model)[touched]]
         if cold or vector is None:
             ranked = model.popular_items(cfg.push_items + len(exclude))
             picks = [int(i) for i in ranked if int(i) not in exclude][:cfg.push_items]
