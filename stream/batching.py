@@ -172,7 +172,11 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 continue
             position = await self.position(tp)
             first = records[0].offset
-            await self.seek(tp, first if position is None else min(first, position))
+            target = first if position is None else min(first, position)
+            # Never below the committed offset: a stale batch's records there were processed
+            # and committed already (by us or by the partition's previous owner).
+            committed = self._committed_offset.get(tp)
+            await self.seek(tp, target if committed is None else max(target, committed))
 
     async def _note_gaps(self, tp: TP, read: int | None, records: Sequence[Any]) -> None:
         """Offsets with no record (transaction markers, compaction) must not block commits."""

@@ -8,7 +8,9 @@ One call to :meth:`Pipeline.process` handles everything the consumer fetched:
    applied event ids are dead-lettered as ``duplicate_event``);
 4. refresh the vectors of every user whose state changed, in **one** batched encoder call, run
    off the event loop;
-5. decide for each user with a trigger (:mod:`stream.policy`), reserving coupon budgets;
+5. rank push candidates for every user with a trigger in a few matrix products (scoring the
+   catalogue one user at a time was the main cost of a decision), then decide for each of them
+   (:mod:`stream.policy`), reserving coupon budgets;
 6. write, in this order: coupon budgets (and flush them), decisions + user vectors + dead
    letters (and wait until the broker has them), then user states (handed to the producer,
    so they belong to the same transaction as the batch's offsets under exactly-once).
@@ -169,28 +171,34 @@ class Pipeline:
         changed = {uid: u for uid, u in users.items() if u.applied}
         result.refreshed = await self._refresh_vectors(changed, outputs, now_ms)
         budgets = self._load_budgets(changed)
+        fired: dict[str, list[Trigger]] = {}
         for user_id, user in changed.items():
             assert user.state is not None
             triggers = policy.event_triggers(user.state, user.applied, self.policy_config)
             for trigger in triggers:
                 self.metrics.triggers.labels(kind=trigger.kind).inc()
             if triggers:
-                try:
-                    decision = self._decide(user_id, user, triggers[0], budgets, now_ms)
-                except Exception as exc:  # a bug must cost one decision, not the worker
-                    log.exception("deciding failed", extra={"user": user_ref(user_id)})
-                    rejected[Reason.PROCESSING_ERROR.value] += 1
-                    trigger_event = next(e for e in user.applied
-                                         if e.event_id == triggers[0].event_id)
-                    outputs.append(self._dead_letter(
-                        Rejection(Reason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"),
-                        user.sources[id(trigger_event)], now_ms))
-                    continue
-                if decision is not None:
-                    result.decisions.append(decision)
-                    result.trigger_ts_ms.append(triggers[0].ts_ms)
-                    outputs.append((self.topics.decisions, user_id.encode(),
-                                    decision.to_json(), user.partition))
+                fired[user_id] = triggers
+        rankings = self._rank_pushes(changed, fired, now_ms)
+        for user_id, triggers in fired.items():
+            user = changed[user_id]
+            try:
+                decision = self._decide(user_id, user, triggers[0], budgets, now_ms,
+                                        rankings.get(user_id))
+            except Exception as exc:  # a bug must cost one decision, not the worker
+                log.exception("deciding failed", extra={"user": user_ref(user_id)})
+                rejected[Reason.PROCESSING_ERROR.value] += 1
+                trigger_event = next(e for e in user.applied
+                                     if e.event_id == triggers[0].event_id)
+                outputs.append(self._dead_letter(
+                    Rejection(Reason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"),
+                    user.sources[id(trigger_event)], now_ms))
+                continue
+            if decision is not None:
+                result.decisions.append(decision)
+                result.trigger_ts_ms.append(triggers[0].ts_ms)
+                outputs.append((self.topics.decisions, user_id.encode(),
+                                decision.to_json(), user.partition))
         await self._write(changed, budgets, outputs)
         self._count(records, by_type, rejected, result, started, now_ms)
         return result
@@ -352,17 +360,51 @@ class Pipeline:
             budgets[partition] = mine
         return budgets
 
+    def _current_vector(self, user: _User) -> np.ndarray | None:
+        """The user's vector if the serving model computed it, else None."""
+        assert user.state is not None
+        encoder = self.model.encoder
+        if encoder is None or user.state.vector is None:
+            return None
+        return user.state.vector if user.state.model_version == encoder.model_version else None
+
+    def _rank_pushes(self, users: Mapping[str, _User], fired: Mapping[str, list[Trigger]],
+                     now_ms: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Push candidates for every user with a trigger and a vector, in a few matrix
+        products instead of one catalogue scan per decision."""
+        encoder, cfg = self.model.encoder, self.policy_config
+        if encoder is None:
+            return {}
+        ids, vectors, exclusions = [], [], []
+        for user_id in fired:
+            state_ = users[user_id].state
+            vector = self._current_vector(users[user_id])
+            if vector is None or state_ is None or state_.n_events < cfg.cold_start_events:
+                continue
+            ids.append(user_id)
+            vectors.append(vector)
+            exclusions.append(policy.push_exclusions(state_, encoder, now_ms, cfg))
+        if not ids:
+            return {}
+        try:
+            ranked = policy.rank_push_items(encoder, np.stack(vectors), exclusions, cfg)
+        except Exception:  # each decision then ranks its own candidates (or fails alone)
+            log.exception("batched push ranking failed", extra={"users": len(ids)})
+            return {}
+        return dict(zip(ids, ranked, strict=True))
+
     def _decide(self, user_id: str, user: _User, trigger: Trigger,
-                budgets: dict[int, dict[str, CouponBudget]], now_ms: int) -> Decision | None:
+                budgets: dict[int, dict[str, CouponBudget]], now_ms: int,
+                push_ranking: tuple[np.ndarray, np.ndarray] | None = None) -> Decision | None:
         assert user.state is not None
         raw_prefs = self.store.get_preferences(user.partition, user_id)
         prefs = Preferences.from_json(raw_prefs) if raw_prefs else None
         ctx = policy.Context(config=self.policy_config, coupons=self.coupons(),
                              budgets=budgets.setdefault(user.partition, {}),
-                             model=self.model.encoder, now_ms=now_ms)
-        current = ctx.model is not None and user.state.vector is not None and (
-            user.state.model_version == ctx.model.model_version)
-        vector = user.state.vector if current else None
+                             model=self.model.encoder, now_ms=now_ms,
+                             push_ranking=push_ranking)
+        vector = self._current_vector(user)
+        current = vector is not None
         decision = policy.decide(user_id, user.state, vector, trigger, prefs, ctx,
                                  vector_stale=current and user.state.vector_stale)
         if decision is not None and decision.to_send:

@@ -315,6 +315,9 @@ class Context:
     model: ItemModel | None
     now_ms: int
     coupon_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    # This user's push candidates (indices, scores) from rank_push_items, ranked with the
+    # rest of the micro-batch; None: decide ranks them itself.
+    push_ranking: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: Trigger,
@@ -460,19 +463,20 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
         items.append(state.cart_item)
     score = 0.0
     if model is not None:
-        # Not what the user touched lately (in the cart, just bought); older favourites may
-        # come back, which is most of what a grocery customer buys next.
-        touched = state.ts_s * 1000 >= ctx.now_ms - cfg.push_exclude_recent_hours * 3_600_000
-        exclude = [int(i) for i in _recent_indices(state, model)[touched]]
+        exclude = push_exclusions(state, model, ctx.now_ms, cfg)
         if cold or vector is None:
             ranked = model.popular_items(cfg.push_items + len(exclude))
             picks = [int(i) for i in ranked if int(i) not in exclude][:cfg.push_items]
             reasons.append({"code": "popular_items"})
         else:
-            top, scores = model.top_items(vector[None, :].astype(np.float32),
-                                          cfg.push_items, exclude=[exclude])
-            picks = [int(i) for i in top[0]]
-            score = float(scores[0][0]) if len(scores[0]) else 0.0
+            if ctx.push_ranking is not None:  # ranked with the batch's other users
+                top_row, score_row = ctx.push_ranking
+            else:
+                top, scores = model.top_items(vector[None, :].astype(np.float32),
+                                              cfg.push_items, exclude=[exclude])
+                top_row, score_row = top[0], scores[0]
+            picks = [int(i) for i in top_row]
+            score = float(score_row[0]) if len(score_row) else 0.0
         for index in picks:
             item = model.item_id(index)
             if item is not None and item not in items and len(items) < cfg.push_items:
@@ -481,6 +485,29 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
             reasons.append({"code": "similar_to_recent",
                             "items": _explain(state, tuple(items), ctx)})
     return items, score
+
+
+def push_exclusions(state: UserState, model: ItemModel, now_ms: int,
+                    config: PolicyConfig) -> list[int]:
+    """Item indices never pushed to this user now: what they touched lately (in the cart, just
+    bought). Older favourites may come back, which is most of what a grocery customer buys."""
+    touched = state.ts_s * 1000 >= now_ms - config.push_exclude_recent_hours * 3_600_000
+    return [int(i) for i in _recent_indices(state, model)[touched]]
+
+
+def rank_push_items(model: ItemModel, vectors: np.ndarray, exclusions: Sequence[Sequence[int]],
+                    config: PolicyConfig, chunk: int = 256
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each user's best push candidates, as :func:`decide` would rank them one by one, for a
+    whole micro-batch in a few matrix products (scoring the catalogue per user is the main
+    cost of a decision). Give each user's row to :func:`decide` as ``Context.push_ranking``."""
+    ranked: list[tuple[np.ndarray, np.ndarray]] = []
+    for start in range(0, len(vectors), chunk):
+        top, scores = model.top_items(
+            np.asarray(vectors[start:start + chunk], dtype=np.float32), config.push_items,
+            exclude=exclusions[start:start + chunk])
+        ranked.extend(zip(top, scores, strict=True))
+    return ranked
 
 
 def _explain(state: UserState, targets: Sequence[str], ctx: Context) -> list[str]:

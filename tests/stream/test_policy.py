@@ -278,3 +278,26 @@ def test_a_missing_or_stale_vector_is_named_in_the_reasons() -> None:
     assert "vector_unavailable" in [r["code"] for r in missing.reasons]
     assert missing.push is not None and missing.push["items"][0] == "i19"  # popularity
     assert "stale_vector" in [r["code"] for r in stale.reasons]
+
+
+def test_push_candidates_ranked_for_a_whole_batch_give_the_same_decisions() -> None:
+    from stream.policy import push_exclusions, rank_push_items
+
+    config = PolicyConfig(holdout_percent=0)
+    model = TableModel()
+    users = [user_with([ev(n, "view", ITEMS[(n + shift) % 20]) for n in range(6)]
+                       + [ev(9, "add_to_cart", ITEMS[shift])]) for shift in range(8)]
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(len(users), 8)).astype(np.float16)
+    exclusions = [push_exclusions(u, model, NOON, config) for u in users]
+    ranked = rank_push_items(model, vectors, exclusions, config, chunk=3)
+    for user, vector, ranking in zip(users, vectors, ranked, strict=True):
+        trigger = Trigger("cart_add", "e9", ("i0",), NOON)
+        alone = decide("u", user, vector, trigger, Preferences(True, False), ctx(config=config))
+        batched_ctx = ctx(config=config)
+        batched_ctx.push_ranking = ranking
+        batched = decide("u", user, vector, trigger, Preferences(True, False), batched_ctx)
+        assert alone is not None and batched is not None
+        assert batched.push == alone.push
+        assert batched.score == pytest.approx(alone.score, rel=1e-5)  # matmul rounding
+        assert batched.reasons == alone.reasons
