@@ -370,8 +370,8 @@ class Pipeline:
 
     def _rank_pushes(self, users: Mapping[str, _User], fired: Mapping[str, list[Trigger]],
                      now_ms: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Push candidates for every user with a trigger and a vector, in a few matrix
-        products instead of one catalogue scan per decision."""
+        """Push candidates for every user with a trigger, a vector and an open push channel,
+        in a few matrix products instead of one catalogue scan per decision."""
         encoder, cfg = self.model.encoder, self.policy_config
         if encoder is None:
             return {}
@@ -379,8 +379,9 @@ class Pipeline:
         for user_id in fired:
             state_ = users[user_id].state
             vector = self._current_vector(users[user_id])
-            if vector is None or state_ is None or state_.n_events < cfg.cold_start_events:
-                continue
+            if (vector is None or state_ is None or state_.n_events < cfg.cold_start_events
+                    or policy.push_blocked(state_, now_ms, cfg)):
+                continue  # decide falls back to popularity, or sends no push at all
             ids.append(user_id)
             vectors.append(vector)
             exclusions.append(policy.push_exclusions(state_, encoder, now_ms, cfg))

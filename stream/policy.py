@@ -495,6 +495,11 @@ def push_exclusions(state: UserState, model: ItemModel, now_ms: int,
     return [int(i) for i in _recent_indices(state, model)[touched]]
 
 
+def push_blocked(state: UserState, now_ms: int, config: PolicyConfig) -> bool:
+    """The push channel's caps or minimum interval hold any push back now."""
+    return _channel_block(state, "push", now_ms, config) is not None
+
+
 def rank_push_items(model: ItemModel, vectors: np.ndarray, exclusions: Sequence[Sequence[int]],
                     config: PolicyConfig, chunk: int = 256
                     ) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -193,7 +193,7 @@ def test_a_worker_joining_and_leaving_moves_state_without_splitting_it(
     assert second.stop() == 0  # leaves: its partitions and their state move back
     replay.finish()
     try:
-        wait_until(lambda: committed_everything(settings), timeout=240, what="every commit")
+        wait_until(lambda: committed_everything(settings), timeout=120, what="every commit")
         wrong = state_mismatches(settings, events_in_log_order(settings, len(events)))
         _, doubled = decision_counts(read_decisions(settings))
         report("worker joins and leaves (rebalance x2)", injected=2, events=len(events),
