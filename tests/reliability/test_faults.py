@@ -173,7 +173,7 @@ def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: 
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "KNOWN BUG, open (README, Reliability): rarely (1 of 10 runs since the linger fix) a "
+    "KNOWN BUG, open (README, Reliability): in about 1 run of 6 (3 of 19 since the linger fix) a "
     "partition's committed offset stops advancing after the second worker leaves (one record "
     "never acknowledged), so 'every commit' times out; state and decisions were right"))
 def test_a_worker_joining_and_leaving_moves_state_without_splitting_it(
