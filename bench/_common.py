@@ -13,6 +13,7 @@ import os
 if not os.environ.get("OMP_WAIT_POLICY"):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
+import argparse
 import json
 import platform
 import subprocess
@@ -98,3 +99,16 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """--out-dir and --summary, as every benchmark takes them."""
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+
+
+def summary_path(args: argparse.Namespace) -> Path | None:
+    """Where headline ratios are merged: --summary, else OUT_DIR/summary.json, none in --quick."""
+    path: Path | None = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    return path

@@ -6,6 +6,7 @@ Import ``_common`` first (it sets OMP_WAIT_POLICY before torch loads).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import subprocess
@@ -181,3 +182,10 @@ def quick_checkpoint(workdir: Path) -> Path:
                     "--epochs", "1", "--no-progress"], check=True, capture_output=True,
                    timeout=1800)
     return out
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """--partitions and --checkpoint, as the streaming benchmarks take them."""
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="encoder checkpoint for the worker [default: train one epoch]")

@@ -34,7 +34,14 @@ from typing import Any
 import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
-from _common import RESULTS, ROOT, machine_facts, merge_summary, write_json
+from _common import (
+    ROOT,
+    add_output_options,
+    machine_facts,
+    merge_summary,
+    summary_path,
+    write_json,
+)
 
 from encoder import checkpoint
 from encoder.data import load_dataset
@@ -193,9 +200,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run on a slice, seconds")
     parser.add_argument("--only", nargs="*", default=None, help="run names or datasets")
     parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
-    parser.add_argument("--summary", type=Path, default=None,
-                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+    add_output_options(parser)
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="also keep each run's checkpoint here [checkpoints/bench, quick: "
                              "none]")
@@ -218,7 +223,7 @@ def main() -> None:
     write_json(args.out_dir / f"encoder_quality{suffix}.json", result)
     np.savez_compressed(args.out_dir / f"encoder_quality_ranks{suffix}.npz", **ranks)
     plot(records, args.out_dir / f"encoder_quality{suffix}.png")
-    summary = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    summary = summary_path(args)
     if summary is not None and result["headlines"]:
         merge_summary(summary, **result["headlines"])
     print(" ".join(f"{k}={v}" for k, v in result["headlines"].items()) or "no headline runs")

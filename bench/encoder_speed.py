@@ -37,7 +37,14 @@ from typing import Any
 import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import torch
-from _common import RESULTS, machine_facts, matmul_peak, merge_summary, write_json
+from _common import (
+    add_output_options,
+    machine_facts,
+    matmul_peak,
+    merge_summary,
+    summary_path,
+    write_json,
+)
 
 from encoder.data import (
     default_datasets_dir,
@@ -198,9 +205,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="time a trained checkpoint instead of random weights")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
-    parser.add_argument("--summary", type=Path, default=None,
-                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+    add_output_options(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,7 +248,7 @@ def main() -> None:
     write_json(args.out_dir / f"encoder_speed{suffix}.json", result)
     plot(result, args.out_dir / f"encoder_speed{suffix}.png")
     headline = comparisons["real histories"]
-    summary = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    summary = summary_path(args)
     if summary is not None:
         merge_summary(summary, encoder_batched_vs_loop=round(headline["ratio"], 2),
                       encoder_fraction_of_matmul_peak=round(headline["fraction_of_peak"], 3))

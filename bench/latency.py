@@ -33,9 +33,10 @@ from typing import Any
 import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
 import orjson
-from _common import RESULTS, merge_summary, write_json
+from _common import add_output_options, merge_summary, summary_path, write_json
 from _stream import (
     accounted,
+    add_worker_options,
     broker,
     drain_rate,
     prefill,
@@ -98,17 +99,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0,
                         help="how long the sustained replay lasts")
     parser.add_argument("--load", type=float, default=0.5, help="fraction of the maximum rate")
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="encoder checkpoint for the worker [default: train one epoch]")
+    add_worker_options(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
-    parser.add_argument("--summary", type=Path, default=None,
-                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+    add_output_options(parser)
     args = parser.parse_args()
     if args.quick:
         args.events, args.seconds = 5_000, 10.0
-    summary = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    summary = summary_path(args)
     out = args.out_dir / ("latency_quick" if args.quick else "latency")
 
     with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \

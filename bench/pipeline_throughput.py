@@ -34,8 +34,16 @@ from pathlib import Path
 
 import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import orjson
-from _common import RESULTS, ROOT, merge_summary, write_json
-from _stream import broker, drain_rate, prefill, quick_checkpoint, real_events, stream_facts
+from _common import ROOT, add_output_options, merge_summary, summary_path, write_json
+from _stream import (
+    add_worker_options,
+    broker,
+    drain_rate,
+    prefill,
+    quick_checkpoint,
+    real_events,
+    stream_facts,
+)
 from _stream import with_topics as on_topics
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -88,19 +96,15 @@ def main() -> None:
                         help="events in the topic; (a) and (c) read them all")
     parser.add_argument("--naive-events", type=int, default=5_000,
                         help="events the naive agent reads (it is slow; its rate is a rate)")
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="encoder checkpoint for the worker [default: train one epoch]")
+    add_worker_options(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--profile", action="store_true", help="profile the worker")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
-    parser.add_argument("--summary", type=Path, default=None,
-                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+    add_output_options(parser)
     args = parser.parse_args()
     suffix = "_quick" if args.quick else ""
     if args.quick:
         args.events, args.naive_events = 6_000, 1_500
-    summary = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    summary = summary_path(args)
     out = args.out_dir / f"pipeline_throughput{suffix}"
     profile = args.out_dir / f"pipeline_profile{suffix}.txt" if args.profile else None
     with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \

@@ -40,9 +40,10 @@ from typing import Any
 
 import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import numpy as np
-from _common import RESULTS, merge_summary, write_json
+from _common import add_output_options, merge_summary, summary_path, write_json
 from _stream import (
     accounted,
+    add_worker_options,
     broker,
     prefill,
     quick_checkpoint,
@@ -156,18 +157,14 @@ def main() -> None:
     parser.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--events", type=int, default=100_000,
                         help="measured events per size (after the warm-up)")
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="encoder checkpoint for the worker [default: train one epoch]")
+    add_worker_options(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
-    parser.add_argument("--summary", type=Path, default=None,
-                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+    add_output_options(parser)
     args = parser.parse_args()
     suffix = "_quick" if args.quick else ""
     if args.quick:
         args.users, args.events = [1_000, 10_000], 3_000
-    summary = args.summary or (None if args.quick else args.out_dir / "summary.json")
+    summary = summary_path(args)
     out = args.out_dir / f"scaling{suffix}"
     sizes: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \
