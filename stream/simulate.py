@@ -206,6 +206,7 @@ class Moment:
     state: bytes  # the user's encoded state at the moment (channels are per policy)
     future: tuple[int, int]  # the user's replayed events [start, end) that judge it
     propensity: float  # the behavioural score, uncalibrated
+    n_events: int  # the user's events so far (activity level)
 
 
 def _event(row: int, it: Interaction) -> Event:
@@ -231,7 +232,7 @@ def collect_moments(before: Sequence[Interaction], after: Sequence[Interaction],
 
     def add(user_id: str, st: UserState, trigger: Trigger, now_ms: int, start: int) -> None:
         moments.append(Moment(user_id, trigger, now_ms, user_state.encode(st), (start, -1),
-                              propensity(st, now_ms)))
+                              propensity(st, now_ms), st.n_events))
 
     for row, it in enumerate(after, start=len(before)):
         st = states[it.user_id]
@@ -288,7 +289,6 @@ class PolicyResult:
     exposures: Counter[str] = field(default_factory=Counter)
     spent: dict[str, float] = field(default_factory=dict)
     by_activity: dict[str, list[int]] = field(default_factory=dict)  # [moments, decisions]
-    hit_flags: list[bool] = field(default_factory=list)  # per moment; False when no decision
 
     @property
     def hit_rate(self) -> float:
@@ -298,7 +298,7 @@ class PolicyResult:
 def activity_buckets(moments: Sequence[Moment]) -> list[tuple[int, str]]:
     """Quartiles of the users' event counts at the moments: (upper bound, label) per bucket,
     so "light" and "heavy" users mean something on any dataset."""
-    counts = np.asarray([user_state.decode(m.state).n_events for m in moments] or [0])
+    counts = np.asarray([m.n_events for m in moments] or [0])
     edges = sorted({int(q) for q in np.quantile(counts, [0.25, 0.5, 0.75, 1.0])})
     buckets, low = [], 0
     for high in edges:
@@ -347,23 +347,20 @@ def run_policy(model: ItemModel | None, config: PolicyConfig, moments: Sequence[
         vector = None if vectors is None else vectors[i]
         decision = decide(moment.user_id, st, vector, moment.trigger, None, ctx)
         result.moments += 1
-        bucket = result.by_activity[_activity(st.n_events, buckets)]
+        bucket = result.by_activity[_activity(moment.n_events, buckets)]
         bucket[0] += 1
         if decision is None:
-            result.hit_flags.append(False)
             continue
         codes = {r["code"] for r in decision.reasons} & set(BINDING_CODES)
         result.binding.update(codes)
         result.bound += bool(codes)
         if decision.action == "none":
-            result.hit_flags.append(False)
             continue
         st.channels[decision.action].record_send(moment.now_ms)
         bucket[1] += 1
         result.decisions += 1
         start, end = moment.future
         hit = _hit(decision, coupons, future[moment.user_id][start:end], converts)
-        result.hit_flags.append(hit)
         result.hits += hit
         if decision.coupon is not None:
             if decision.arm == "holdout":  # reserve as if sent: the holdout mirrors ours' mix

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from prometheus_client.parser import text_string_to_metric_families
 
+from encoder.data import Interaction
 from stream.config import Settings, as_environment
 
 PROMO = str(Path(sys.executable).with_name("promo"))
@@ -143,3 +144,14 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict[str, f
     merged = json.loads(summary.read_text())
     assert merged["someone_elses_key"] == 1.5
     return done.stdout.strip().splitlines()[-1], merged
+
+
+def first_users(rows: Iterable[Interaction], n: int) -> list[Interaction]:
+    """The whole histories of the first ``n`` users to appear, in the rows' (time) order."""
+    users: set[str] = set()
+    out = []
+    for row in rows:
+        if row.user_id in users or len(users) < n:
+            users.add(row.user_id)
+            out.append(row)
+    return out

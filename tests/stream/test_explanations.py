@@ -21,6 +21,7 @@ from encoder.train import TrainConfig, train
 from stream.config import PolicyConfig
 from stream.policy import Context, Trigger, decide
 from stream.state import TYPE_ID, UserState
+from tests.support import first_users
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +32,8 @@ USERS = 150
 def histories() -> dict[str, list[tuple[str, str]]]:
     """The first USERS users of the Instacart sample: (item, event type), oldest first."""
     by_user: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for row in load_dataset("instacart"):
-        if row.user_id in by_user or len(by_user) < USERS:
-            by_user[row.user_id].append((row.item_id, row.event_type))
+    for row in first_users(load_dataset("instacart"), USERS):
+        by_user[row.user_id].append((row.item_id, row.event_type))
     return by_user
 
 

@@ -18,7 +18,7 @@ from stream.config import Settings
 from stream.events import Event
 from stream.replay import produce
 from tests.conftest import build_checkpoint
-from tests.support import PROMO, settings_env, wait_until
+from tests.support import PROMO, first_users, settings_env, wait_until
 from tests.workers import accounted, read_decisions, send_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -43,12 +43,7 @@ def test_a_model_retrained_from_the_event_log_is_published_and_served_without_re
     proc, port = run_worker(live, holdout_percent="0")
     first = load(stale).model_version
 
-    users: set[str] = set()
-    rows = []
-    for row in load_dataset("instacart"):
-        if row.user_id in users or len(users) < USERS:
-            users.add(row.user_id)
-            rows.append(row)
+    rows = first_users(load_dataset("instacart"), USERS)
     replayed = asyncio.run(produce(settings.kafka, rows, id_prefix="log", clock="dataset",
                                    progress=False))
     assert replayed.produced == len(rows)

@@ -20,7 +20,7 @@ from stream import simulate as sim
 from stream.config import PolicyConfig
 from stream.eventlog import write_csv
 from stream.policy import Coupon, Decision
-from tests.support import PROMO
+from tests.support import PROMO, first_users
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +31,7 @@ CONFIG = sim.SimulationConfig(policy=PolicyConfig(quiet_start_hour=0, quiet_end_
 @pytest.fixture(scope="module")
 def rows() -> list[Interaction]:
     """Whole histories of the first USERS Instacart users, in time order."""
-    users: set[str] = set()
-    out = []
-    for row in load_dataset("instacart"):
-        if row.user_id in users or len(users) < USERS:
-            users.add(row.user_id)
-            out.append(row)
-    return out
+    return first_users(load_dataset("instacart"), USERS)
 
 
 @pytest.fixture(scope="module")
