@@ -17,6 +17,9 @@ exercise it against the real broker):
   otherwise they are dropped, and a partition still assigned is sought back so they are
   fetched again (a dropped record never sought back is a hole that blocks the partition's
   commits for good);
+- a batch takes each partition's records once per offset, in offset order, from the offset it
+  expects next, however many fetches brought them (a repeated offset would be applied twice
+  and acknowledged twice, and faust's commit of the partition would stall);
 - a partition is revoked, and offsets are committed (under exactly-once: a transaction is
   closed), only between batches (:meth:`BatchingConsumer.holding_batch_lock`), so the table
   never loses a partition under a batch that is writing to it, and a transaction never holds
@@ -43,6 +46,20 @@ from faust.types import TP, Message
 
 #: Processes one fetch: each partition's records (aiokafka ConsumerRecords, offset order).
 BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
+
+
+def unprocessed(records: Sequence[Any], expected: int | None) -> list[Any]:
+    """A partition's records from offset ``expected`` on (all if None), each offset once, in
+    offset order.
+
+    One batch can hold a partition's records from several fetches (the linger), and a seek
+    between two of them (faust seeks to the committed offsets again when a rebalance
+    completes) makes the later fetch repeat offsets the earlier one brought, or start below
+    them. Processing a repeated record would apply its event twice in one batch (the second
+    copy dead-lettered as a duplicate of a good event).
+    """
+    by_offset = {r.offset: r for r in records if expected is None or r.offset >= expected}
+    return [by_offset[offset] for offset in sorted(by_offset)]
 
 
 class BatchingConsumer(faust_aiokafka.Consumer):
@@ -141,7 +158,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 if tp in inactive:
                     continue
                 read = self._read_offset[tp]
-                kept = records if read is None else [r for r in records if r.offset >= read]
+                kept = unprocessed(records, read)
                 if kept:
                     await self._note_gaps(tp, read, kept)
                     fresh[tp] = kept
@@ -150,7 +167,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             await handler(fresh)
             for tp, records in fresh.items():
                 self._ack_offsets(tp, [r.offset for r in records])
-                self._read_offset[tp] = records[-1].offset
+                self._read_offset[tp] = records[-1].offset + 1
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
             await self.commit()
@@ -178,13 +195,12 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             committed = self._committed_offset.get(tp)
             await self.seek(tp, target if committed is None else max(target, committed))
 
-    async def _note_gaps(self, tp: TP, read: int | None, records: Sequence[Any]) -> None:
+    async def _note_gaps(self, tp: TP, expected: int | None, records: Sequence[Any]) -> None:
         """Offsets with no record (transaction markers, compaction) must not block commits."""
-        previous = read
         for record in records:
-            if previous is not None and record.offset - previous > 1:
-                await self._add_gap(tp, previous + 1, record.offset - 1)
-            previous = record.offset
+            if expected is not None and record.offset > expected:
+                await self._add_gap(tp, expected, record.offset - 1)
+            expected = record.offset + 1
 
     def _ack_offsets(self, tp: TP, offsets: list[int]) -> None:
         """faust's ``ack(message)`` for a whole batch, without building a Message per record."""
@@ -192,7 +208,10 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         if committed is not None:
             offsets = [o for o in offsets if o >= committed]
         index = self._acked_index[tp]
-        offsets = [o for o in offsets if o not in index]
+        # Each offset once: faust finds the committable offset as the first run of consecutive
+        # numbers in the acked list, and a repeated offset ends that run (the partition's
+        # commit would then creep forward by one offset per commit).
+        offsets = list(dict.fromkeys(o for o in offsets if o not in index))
         index.update(offsets)
         self._acked[tp].extend(offsets)
         self._n_acked += len(offsets)

@@ -172,10 +172,6 @@ def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: 
         launcher.stop(tmp_path / "cluster")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "KNOWN BUG, open (README, Reliability): in about 1 run of 6 (3 of 19 since the linger fix) a "
-    "partition's committed offset stops advancing after the second worker leaves (one record "
-    "never acknowledged), so 'every commit' times out; state and decisions were right"))
 def test_a_worker_joining_and_leaving_moves_state_without_splitting_it(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     asyncio.run(ensure_topics(settings.kafka))
@@ -196,9 +192,15 @@ def test_a_worker_joining_and_leaving_moves_state_without_splitting_it(
         wait_until(lambda: committed_everything(settings), timeout=120, what="every commit")
         wrong = state_mismatches(settings, events_in_log_order(settings, len(events)))
         _, doubled = decision_counts(read_decisions(settings))
+        # Every event is good and sent once: a record read twice around a rebalance must be
+        # skipped, never applied again nor dead-lettered as a duplicate.
+        dead_lettered = asyncio.run(consume_all(settings.kafka.bootstrap_servers,
+                                                settings.kafka.dlq_topic, idle=3, timeout=30))
         report("worker joins and leaves (rebalance x2)", injected=2, events=len(events),
-               lost=len(wrong), duplicated=doubled, overspend=0)
+               lost=len(wrong), duplicated=doubled, overspend=0,
+               dead_lettered=len(dead_lettered))
         assert wrong == []  # harness also asserts no user's state is in two partitions
+        assert dead_lettered == []
         assert first.alive()
     finally:
         first.stop()
