@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,28 @@ def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
     return WorkerProcess(proc, port, log)
 
 
+def processing_rate(workers: Sequence[WorkerProcess], n: int, timeout: float = 1800) -> float:
+    """Events per second the workers take to account for ``n`` records, from the first record
+    processed to the last (polling their metrics)."""
+    first = last = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = sum(accounted(w.port) for w in workers)
+        now = time.perf_counter()
+        if done > 0 and first is None:
+            first = now
+        if done >= n:
+            last = now
+            break
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise RuntimeError(w.log.read_text()[-3000:])
+        time.sleep(0.05)
+    if first is None or last is None:
+        raise RuntimeError("the workers did not process every event in time")
+    return n / (last - first)
+
+
 def drain_rate(settings: Settings, n: int, workdir: Path, checkpoint: Path, workers: int = 1,
                profile: Path | None = None) -> tuple[float, dict[str, float]]:
     """Start ``workers`` workers on a pre-filled topic of ``n`` events; events per second from
@@ -151,25 +173,10 @@ def drain_rate(settings: Settings, n: int, workdir: Path, checkpoint: Path, work
     started = [start_worker(settings, workdir, checkpoint, f"worker-{i}",
                             profile if i == 0 else None) for i in range(workers)]
     try:
-        first = last = None
-        deadline = time.monotonic() + 1800
-        while time.monotonic() < deadline:
-            done = sum(accounted(w.port) for w in started)
-            now = time.perf_counter()
-            if done > 0 and first is None:
-                first = now
-            if done >= n:
-                last = now
-                break
-            for w in started:
-                if w.proc.poll() is not None:
-                    raise RuntimeError(w.log.read_text()[-3000:])
-            time.sleep(0.05)
-        if first is None or last is None:
-            raise RuntimeError("the workers did not process every event in time")
+        rate = processing_rate(started, n)
         stats = {name: value for name, value in scrape(started[0].port).items()
                  if name.endswith(("_sum", "_count"))}
-        return n / (last - first), stats
+        return rate, stats
     finally:
         for w in started:
             w.stop()

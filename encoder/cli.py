@@ -141,6 +141,10 @@ def _err(message: str) -> None:
 @click.option("--patience", type=click.IntRange(min=1), default=TrainConfig.patience,
               show_default=True,
               help="Stop after this many epochs without a better validation NDCG@10.")
+@click.option("--select-protocol", type=click.Choice(["full", "sampled"]),
+              default=TrainConfig.select_protocol, show_default=True,
+              help="Validation NDCG@10 that picks the epoch: full ranking over every item "
+                   "(what the worker does) or the SASRec paper's 100 sampled negatives.")
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True,
               help="Seed for initialisation, batching, dropout and evaluation negatives.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size,
@@ -181,7 +185,8 @@ def _err(message: str) -> None:
 def train(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
           time_col: str, type_col: str | None, datasets_dir: Path | None, from_kafka: bool,
           out: Path,
-          overwrite: bool, epochs: int, max_minutes: float, patience: int, seed: int,
+          overwrite: bool, epochs: int, max_minutes: float, patience: int,
+          select_protocol: str, seed: int,
           batch_size: int, lr: float, negatives: int, lr_decay: bool, weight_decay: float,
           max_len: int, layers: int,
           d_model: int, heads: int, d_ff: int, dropout: float, oov_buckets: int,
@@ -213,7 +218,7 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
                                  use_event_types=event_types)
     config = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
                          negatives=negatives, decay=lr_decay, weight_decay=weight_decay,
-                         patience=patience, seed=seed,
+                         patience=patience, select_protocol=select_protocol, seed=seed,
                          target_types=_target_types(target_types),
                          exclude_history=_HISTORY[history], threads=threads)
     try:

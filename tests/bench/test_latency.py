@@ -24,4 +24,5 @@ def test_quick_mode_samples_every_decision_and_merges_its_key(
     lat = result["latency_seconds"]
     assert lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"] == max(samples)
     assert 0 < result["replay_events_per_second"] < result["max_events_per_second"]
+    assert result["max_phase_producer_events_per_second"] > 0
     assert (tmp_path / "latency_quick.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from encoder.data import Interaction, encode_split, leave_one_out, user_sequences
@@ -28,6 +29,24 @@ def test_the_chosen_epoch_is_the_best_on_validation(trained: TrainResult) -> Non
     assert trained.best_epoch == best["epoch"]
     assert trained.valid["model"]["full"] == best["valid"]["full"]
     assert set(trained.test) == {"model", "popularity"}
+
+
+def test_the_epoch_can_be_chosen_by_the_sampled_protocol() -> None:
+    rows = patterned_interactions(n_users=30, length=8)
+    cfg = EncoderConfig(max_len=8, d_model=8, n_heads=2, d_ff=16, n_oov_buckets=2)
+    result = train(rows, cfg, TrainConfig(epochs=4, patience=4, batch_size=8, seed=2,
+                                          select_protocol="sampled"),
+                   progress=False, log=lambda _: None)
+    best = max(result.history, key=lambda h: h["valid"]["sampled"]["NDCG@10"])
+    assert result.best_epoch == best["epoch"]
+    assert result.valid["model"]["sampled"] == best["valid"]["sampled"]
+
+
+def test_an_unknown_selection_protocol_is_refused() -> None:
+    rows = patterned_interactions(n_users=5, length=8)
+    with pytest.raises(ValueError, match="select_protocol"):
+        train(rows, EncoderConfig(max_len=8, d_model=8, n_heads=2, d_ff=16),
+              TrainConfig(epochs=1, select_protocol="paper"), progress=False, log=lambda _: None)
 
 
 def test_windows_make_every_training_event_after_the_first_a_target_once() -> None:
