@@ -117,13 +117,22 @@ class Encoder:
             return self.model.scores(v, c).numpy()
 
     def top_items(self, vectors: np.ndarray, k: int,
-                  exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  exclude: Sequence[Sequence[int]] | None = None,
+                  boost: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """The k best known items per user: (indices int64 (B, k), scores float32 (B, k)).
 
-        ``exclude[b]`` lists indices never to return for user b (e.g. just bought). If fewer
-        than k items remain, the tail has score -inf.
+        ``boost[b] = (indices, values)`` adds values to user b's scores of those indices
+        before ranking (a prior from the user's own history). ``exclude[b]`` lists indices
+        never to return for user b (e.g. just bought). If fewer than k items remain, the tail
+        has score -inf.
         """
         scores = torch.from_numpy(self.score_items(vectors))  # (B, n_items)
+        for row, (indices, values) in enumerate(boost or ()):
+            cols = np.asarray(indices, dtype=np.int64) - 1
+            known = (cols >= 0) & (cols < self.config.n_items)
+            scores[row, cols[known]] += torch.from_numpy(
+                np.asarray(values, dtype=np.float32)[known])
         if exclude is not None:
             rows = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
             cols = np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude]) - 1 \

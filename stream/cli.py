@@ -332,6 +332,9 @@ def demo(context: Context, dataset: str, limit: int, datasets_dir: Path | None, 
               help="Campaigns to generate when no --coupons file is given.")
 @click.option("--quiet-hours/--no-quiet-hours", default=True,
               help="Apply quiet hours (switch off for logs whose times are synthesised).")
+@click.option("--tune-repeat-weight/--no-tune-repeat-weight", default=True, show_default=True,
+              help="Choose policy.push_repeat_weight on a validation period before the cut "
+                   "(the report gives the value to deploy), or judge the configured one.")
 @click.option("--train-minutes", type=click.FloatRange(min=0, min_open=True), default=3.0,
               help="Training budget when no --checkpoint is given.")
 @click.option("--seed", type=int, default=0, help="Seed of training, campaigns and the random "
@@ -347,8 +350,8 @@ def simulate(context: Context, dataset: str | None, interactions: Path | None, u
              item_col: str, time_col: str, type_col: str | None, datasets_dir: Path | None,
              from_kafka: bool, checkpoint_dir: Path | None, train_fraction: float, horizon: int,
              coupons_file: Path | None, campaigns: int, quiet_hours: bool,
-             train_minutes: float, seed: int, out_dir: Path, as_json: bool,
-             progress: bool) -> None:
+             tune_repeat_weight: bool, train_minutes: float, seed: int, out_dir: Path,
+             as_json: bool, progress: bool) -> None:
     """Judge decisions offline by what users really did next, beside baselines.
 
     Cuts the data in time, trains on (or uses a checkpoint for) the part before the cut, and
@@ -377,6 +380,7 @@ def simulate(context: Context, dataset: str | None, interactions: Path | None, u
                                  datasets_dir, from_kafka)
     config = sim.SimulationConfig(train_fraction=train_fraction, horizon=horizon,
                                   campaigns=campaigns, seed=seed, quiet_hours=quiet_hours,
+                                  tune_repeat_weight=tune_repeat_weight,
                                   policy=context.settings.policy)
     coupons = None
     if coupons_file is not None:

@@ -91,6 +91,9 @@ class PolicyConfig:
     cold_start_events: int = 3  # fewer events than this: popularity fallbacks
     push_items: int = 3
     push_exclude_recent_hours: float = 24.0  # items touched this recently are never pushed
+    # Push ranking adds w * log(1 + n) to an item's score for n occurrences in the user's
+    # recent sequence (policy.repeat_boost); 0 ranks by the encoder alone.
+    push_repeat_weight: float = 1.0
     # Propensity above `no_coupon_propensity` gets no coupon; above `half_discount_propensity`
     # gets half the coupon's value.
     no_coupon_propensity: float = 0.8

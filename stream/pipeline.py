@@ -375,7 +375,7 @@ class Pipeline:
         encoder, cfg = self.model.encoder, self.policy_config
         if encoder is None:
             return {}
-        ids, vectors, exclusions = [], [], []
+        ids, vectors, exclusions, boosts = [], [], [], []
         for user_id in fired:
             state_ = users[user_id].state
             vector = self._current_vector(users[user_id])
@@ -385,10 +385,12 @@ class Pipeline:
             ids.append(user_id)
             vectors.append(vector)
             exclusions.append(policy.push_exclusions(state_, encoder, now_ms, cfg))
+            boosts.append(policy.repeat_boost(state_, encoder, cfg))
         if not ids:
             return {}
         try:
-            ranked = policy.rank_push_items(encoder, np.stack(vectors), exclusions, cfg)
+            ranked = policy.rank_push_items(encoder, np.stack(vectors), exclusions, boosts,
+                                            cfg)
         except Exception:  # each decision then ranks its own candidates (or fails alone)
             log.exception("batched push ranking failed", extra={"users": len(ids)})
             return {}

@@ -157,7 +157,8 @@ class ItemModel(Protocol):
     def score_items(self, vectors: np.ndarray,
                     candidates: np.ndarray | None = None) -> np.ndarray: ...
     def top_items(self, vectors: np.ndarray, k: int,
-                  exclude: Sequence[Sequence[int]] | None = None
+                  exclude: Sequence[Sequence[int]] | None = None,
+                  boost: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def item_vectors(self, indices: np.ndarray) -> np.ndarray: ...
@@ -473,7 +474,8 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
                 top_row, score_row = ctx.push_ranking
             else:
                 top, scores = model.top_items(vector[None, :].astype(np.float32),
-                                              cfg.push_items, exclude=[exclude])
+                                              cfg.push_items, exclude=[exclude],
+                                              boost=[repeat_boost(state, model, cfg)])
                 top_row, score_row = top[0], scores[0]
             picks = [int(i) for i in top_row]
             score = float(score_row[0]) if len(score_row) else 0.0
@@ -484,6 +486,9 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
         if not cold and vector is not None:
             reasons.append({"code": "similar_to_recent",
                             "items": _explain(state, tuple(items), ctx)})
+            again = _repeat_items(state, model, items) if cfg.push_repeat_weight else []
+            if again:
+                reasons.append({"code": "repeat_item", "items": again})
     return items, score
 
 
@@ -495,22 +500,43 @@ def push_exclusions(state: UserState, model: ItemModel, now_ms: int,
     return [int(i) for i in _recent_indices(state, model)[touched]]
 
 
+def repeat_boost(state: UserState, model: ItemModel,
+                 config: PolicyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Push-score prior from the user's own recent events: (item indices, w * log(1 + n)) for
+    each item seen n times in the sequence. Scores are logits, so this multiplies the model's
+    odds of an item by (1 + n)^w: what a person bought before they tend to buy again (most
+    of a grocery basket), which one user vector cannot carry for every item in a history."""
+    if not config.push_repeat_weight or len(state.items) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    indices, counts = np.unique(_recent_indices(state, model), return_counts=True)
+    return indices, (config.push_repeat_weight * np.log1p(counts)).astype(np.float32)
+
+
+def _repeat_items(state: UserState, model: ItemModel, items: Sequence[str]) -> list[str]:
+    """The pushed items the user has in their recent sequence (what the prior lifted)."""
+    recent = set(_recent_indices(state, model).tolist())
+    return [item for item, index in zip(items, model.item_indices(list(items)).tolist(),
+                                        strict=True) if index in recent]
+
+
 def push_blocked(state: UserState, now_ms: int, config: PolicyConfig) -> bool:
     """The push channel's caps or minimum interval hold any push back now."""
     return _channel_block(state, "push", now_ms, config) is not None
 
 
 def rank_push_items(model: ItemModel, vectors: np.ndarray, exclusions: Sequence[Sequence[int]],
-                    config: PolicyConfig, chunk: int = 256
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+                    boosts: Sequence[tuple[np.ndarray, np.ndarray]], config: PolicyConfig,
+                    chunk: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each user's best push candidates, as :func:`decide` would rank them one by one, for a
     whole micro-batch in a few matrix products (scoring the catalogue per user is the main
-    cost of a decision). Give each user's row to :func:`decide` as ``Context.push_ranking``."""
+    cost of a decision). ``exclusions`` and ``boosts`` are each user's
+    :func:`push_exclusions` and :func:`repeat_boost`. Give each user's row to :func:`decide`
+    as ``Context.push_ranking``."""
     ranked: list[tuple[np.ndarray, np.ndarray]] = []
     for start in range(0, len(vectors), chunk):
         top, scores = model.top_items(
             np.asarray(vectors[start:start + chunk], dtype=np.float32), config.push_items,
-            exclude=exclusions[start:start + chunk])
+            exclude=exclusions[start:start + chunk], boost=boosts[start:start + chunk])
         ranked.extend(zip(top, scores, strict=True))
     return ranked
 

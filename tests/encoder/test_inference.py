@@ -115,6 +115,23 @@ def test_top_items_rank_by_score_and_honour_exclusions(encoder: Encoder) -> None
     assert again[1].tolist() == top[1].tolist()
 
 
+def test_a_boost_adds_to_the_scores_of_its_items_before_ranking(encoder: Encoder) -> None:
+    items, types = histories(encoder, 2)
+    vectors = encoder.user_vectors(items, types)
+    everything = encoder.score_items(vectors)
+    last = int(np.argmin(everything[0])) + 1  # user 0's worst item
+    lift = float(everything[0].max() - everything[0].min()) + 1.0
+    top, scores = encoder.top_items(vectors, 3, boost=[(np.array([last]), np.array([lift])),
+                                                       (np.zeros(0, np.int64), np.zeros(0))])
+    assert top[0, 0] == last
+    assert scores[0, 0] == pytest.approx(everything[0, last - 1] + lift, rel=1e-5)
+    assert top[1].tolist() == encoder.top_items(vectors, 3)[0][1].tolist()
+    excluded, _ = encoder.top_items(vectors, 3, exclude=[[last], []],
+                                    boost=[(np.array([last]), np.array([lift])),
+                                           (np.zeros(0, np.int64), np.zeros(0))])
+    assert last not in excluded[0].tolist()  # exclusion wins over any boost
+
+
 def test_popular_items_come_from_training_counts(encoder: Encoder) -> None:
     top = encoder.popular_items(3)
     counts = encoder.popularity[top]

@@ -29,6 +29,7 @@ from stream.policy import (
 from stream.state import UserState, apply_events
 
 NOON = 1_760_011_200_000  # 2025-10-09 12:00 UTC
+DAY = 86_400_000
 ITEMS = [f"i{n}" for n in range(20)]
 
 
@@ -65,8 +66,12 @@ class TableModel:
         return np.einsum("bd,bcd->bc", vectors, self.table[candidates])
 
     def top_items(self, vectors: np.ndarray, k: int,
-                  exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  exclude: Sequence[Sequence[int]] | None = None,
+                  boost: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
         scores = self.score_items(vectors)
+        for row, (indices, values) in enumerate(boost or []):
+            scores[row, np.asarray(indices) - 1] += values
         for row, excluded in enumerate(exclude or []):
             for index in excluded:
                 if index > 0:
@@ -281,16 +286,19 @@ def test_a_missing_or_stale_vector_is_named_in_the_reasons() -> None:
 
 
 def test_push_candidates_ranked_for_a_whole_batch_give_the_same_decisions() -> None:
-    from stream.policy import push_exclusions, rank_push_items
+    from stream.policy import push_exclusions, rank_push_items, repeat_boost
 
     config = PolicyConfig(holdout_percent=0)
     model = TableModel()
-    users = [user_with([ev(n, "view", ITEMS[(n + shift) % 20]) for n in range(6)]
+    # Views from two days ago (pushable again, so the repeat prior counts) and a cart add now.
+    users = [user_with([ev(n, "view", ITEMS[(n % 3 + shift) % 20], ts=NOON - 2 * DAY)
+                        for n in range(6)]
                        + [ev(9, "add_to_cart", ITEMS[shift])]) for shift in range(8)]
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(len(users), 8)).astype(np.float16)
     exclusions = [push_exclusions(u, model, NOON, config) for u in users]
-    ranked = rank_push_items(model, vectors, exclusions, config, chunk=3)
+    boosts = [repeat_boost(u, model, config) for u in users]
+    ranked = rank_push_items(model, vectors, exclusions, boosts, config, chunk=3)
     for user, vector, ranking in zip(users, vectors, ranked, strict=True):
         trigger = Trigger("cart_add", "e9", ("i0",), NOON)
         alone = decide("u", user, vector, trigger, Preferences(True, False), ctx(config=config))
@@ -301,3 +309,26 @@ def test_push_candidates_ranked_for_a_whole_batch_give_the_same_decisions() -> N
         assert batched.push == alone.push
         assert batched.score == pytest.approx(alone.score, rel=1e-5)  # matmul rounding
         assert batched.reasons == alone.reasons
+
+
+def test_the_repeat_prior_lifts_items_the_user_had_before() -> None:
+    from stream.policy import repeat_boost
+
+    # i7 viewed three times two days ago: no longer excluded, so it may be pushed again.
+    user = user_with([ev(n, "view", "i7", ts=NOON - 2 * DAY) for n in range(3)]
+                     + [ev(9, "add_to_cart", "i3")])
+    model = TableModel()
+    vector = -model.table[8].astype(np.float16)  # the encoder alone ranks i7 last
+    prefs = Preferences(push_opt_in=True, coupon_opt_in=False)
+    indices, values = repeat_boost(user, model, PolicyConfig(push_repeat_weight=100.0))
+    assert indices.tolist() == [4, 8] and values.tolist() == pytest.approx(
+        [100 * np.log(2), 100 * np.log(4)])
+    without = decide("u", user, vector, CART, prefs,
+                     ctx(config=PolicyConfig(holdout_percent=0, push_repeat_weight=0.0)))
+    lifted = decide("u", user, vector, CART, prefs,
+                    ctx(config=PolicyConfig(holdout_percent=0, push_repeat_weight=100.0)))
+    assert without is not None and without.push is not None and lifted is not None
+    assert "i7" not in without.push["items"]
+    assert "repeat_item" not in [r["code"] for r in without.reasons]
+    assert lifted.push is not None and lifted.push["items"][0] == "i7"
+    assert {"code": "repeat_item", "items": ["i7"]} in lifted.reasons

@@ -69,6 +69,32 @@ def test_the_encoder_beats_random_and_popularity_beats_random(report: dict) -> N
     assert rates["popularity"] > 3 * rates["random"]
 
 
+def test_the_repeat_weight_is_the_best_on_a_validation_period_before_the_cut(
+        report: dict) -> None:
+    tuning = report["repeat_weight"]
+    rates = {float(w): r for w, r in tuning["validation_hit_rate"].items()}
+    assert set(rates) == set(CONFIG.repeat_weights)
+    assert tuning["validation_moments"] > 100
+    best = max(rates.values())
+    assert tuning["chosen"] == min(w for w, r in rates.items() if r == best)
+    assert tuning["configured"] == CONFIG.policy.push_repeat_weight
+
+
+def test_the_repeat_baseline_offers_the_users_own_items_first(encoder: Encoder) -> None:
+    baseline = sim.BaselineItems(encoder, "repeat", np.arange(encoder.config.vocab_size,
+                                                              dtype=np.float64),
+                                 history_first=True)
+    vectors = np.zeros((2, encoder.config.d_model), np.float32)
+    own = (np.array([5, 9]), np.array([np.log1p(1), np.log1p(3)]))
+    top, _ = baseline.top_items(vectors, 3, boost=[own, (np.zeros(0, np.int64), np.zeros(0))])
+    assert top[0].tolist()[:2] == [9, 5]  # most frequent first, above any item score
+    assert top[1].tolist() == baseline.top_items(vectors[1:], 3)[0][0].tolist()
+    plain = sim.BaselineItems(encoder, "popularity", np.arange(encoder.config.vocab_size,
+                                                                dtype=np.float64))
+    assert plain.top_items(vectors[:1], 3, boost=[own])[0][0].tolist() == \
+        plain.top_items(vectors[:1], 3)[0][0].tolist()  # other baselines ignore the history
+
+
 def test_the_holdout_is_ours_sent_to_nobody(report: dict) -> None:
     ours, holdout = report["policies"]["ours"], report["policies"]["holdout"]
     assert holdout["decisions"] == ours["decisions"]
