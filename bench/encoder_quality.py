@@ -3,7 +3,8 @@
     .venv/bin/python bench/encoder_quality.py            # short budgets, about 9 minutes
     .venv/bin/python bench/encoder_quality.py --full     # promo train's budget, about 50 minutes
     .venv/bin/python bench/encoder_quality.py --quick    # a smoke run in seconds
-    .venv/bin/python bench/encoder_quality.py --full --only games beauty
+    .venv/bin/python bench/encoder_quality.py --full --only games beauty   # re-run these two,
+                                                                          # keep the others
 
 Runs (every one: `promo train` defaults unless listed, leave-one-out, checkpoint chosen on
 validation NDCG@10 under the protocol the run is judged by, test evaluated once). The default
@@ -30,6 +31,7 @@ bench/results/summary.json; prints them last. ``--quick`` and the default size w
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -205,6 +207,19 @@ def plot(records: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def kept_runs(out_json: Path, out_ranks: Path
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """The records and ranks of an earlier result file, to merge re-runs into."""
+    if not out_json.exists():
+        return {}, {}
+    earlier = json.loads(out_json.read_text())
+    records = earlier.get("runs", {})
+    for record in records.values():
+        record.setdefault("machine", earlier.get("machine"))
+    ranks = dict(np.load(out_ranks)) if out_ranks.exists() else {}
+    return records, ranks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run on a slice, seconds")
@@ -225,17 +240,20 @@ def main() -> None:
         checkpoints = ROOT / "checkpoints" / ("bench" if args.full else "bench-short")
     suffix = "_quick" if args.quick else "" if args.full else "_short"
 
-    records: dict[str, dict[str, Any]] = {}
-    ranks: dict[str, np.ndarray] = {}
+    out_json = args.out_dir / f"encoder_quality{suffix}.json"
+    out_ranks = args.out_dir / f"encoder_quality_ranks{suffix}.npz"
+    # --only re-runs some runs and keeps the others' records (each with its own machine facts).
+    records, ranks = kept_runs(out_json, out_ranks) if args.only else ({}, {})
     for run in runs(args.quick, args.full, args.only):
         records[run.name], run_ranks = execute(run, checkpoints)
+        records[run.name]["machine"] = machine_facts()
         ranks.update(run_ranks)
     result = {"benchmark": "encoder_quality", "quick": args.quick, "full": args.full,
               "machine": machine_facts(),
               "runs": records, "headlines": headlines(records)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(args.out_dir / f"encoder_quality{suffix}.json", result)
-    np.savez_compressed(args.out_dir / f"encoder_quality_ranks{suffix}.npz", **ranks)
+    write_json(out_json, result)
+    np.savez_compressed(out_ranks, **ranks)
     plot(records, args.out_dir / f"encoder_quality{suffix}.png")
     summary = summary_path(args) if args.full or args.quick else args.summary
     if summary is not None and result["headlines"]:

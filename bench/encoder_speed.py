@@ -14,6 +14,9 @@ Measured side by side in one run, on this machine's cores:
    the linear layers on real events plus causal attention over real keys; the per-user cost
    of padding, LayerNorm, GELU and gathers is counted as time, not as FLOPs.
 3. Cost against the window length L (25, 50, 100, 200) and the batch size.
+4. Where the batched call's time goes: torch's profiler over the real-history calls, self CPU
+   time per operator, and the share spent in matrix products (where the FLOPs are) against
+   everything else.
 
 Weights are randomly initialised with the streaming default config (2 blocks, d = 64, 2 heads)
 and a Beauty-sized vocabulary: speed does not depend on their values (``--checkpoint`` uses a
@@ -140,6 +143,33 @@ def batched_vs_loop(encoder: Encoder, batch: Batch, repeats: int, loop_repeats: 
     }
 
 
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::baddbmm")
+
+
+def op_profile(encoder: Encoder, batch: Batch, repeats: int) -> dict[str, Any]:
+    """Self CPU time per torch operator over ``repeats`` batched calls, biggest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    items, types = batch
+    encoder.user_vectors(items, types)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            encoder.user_vectors(items, types)
+    ops = [(e.key, e.self_cpu_time_total / 1e3 / repeats, e.count // repeats)
+           for e in prof.key_averages()]
+    total = sum(ms for _, ms, _ in ops)
+    ops.sort(key=lambda o: -o[1])
+    matmul = sum(ms for name, ms, _ in ops if name in MATMUL_OPS)
+    return {
+        "repeats": repeats, "ms_per_call": total,
+        "matmul_share": matmul / total if total else 0.0,
+        "matmul_ops": list(MATMUL_OPS),
+        "ops": [{"op": name, "ms_per_call": ms, "calls_per_call": n,
+                 "share": ms / total if total else 0.0} for name, ms, n in ops[:25]],
+    }
+
+
 def sweep(lengths: list[int], batch_sizes: list[int], n_items: int, quick: bool,
           peak: float) -> list[dict[str, Any]]:
     cells = []
@@ -228,6 +258,10 @@ def main() -> None:
               f"{c['us_per_user_loop']:.1f} us/user looped, {c['ratio']:.1f}x; "
               f"{c['flops_per_second'] / 1e9:.1f} GFLOP/s = {c['fraction_of_peak']:.0%} of "
               f"peak", file=sys.stderr)
+    profiled = op_profile(encoder, real, repeats)
+    print(f"profile of the batched call: {profiled['ms_per_call']:.1f} ms of operator time, "
+          f"{profiled['matmul_share']:.0%} in matrix products; biggest: " + ", ".join(
+              f"{o['op']} {o['share']:.0%}" for o in profiled["ops"][:5]), file=sys.stderr)
     lengths = [25, 50] if args.quick else [25, 50, 100, 200]
     batch_sizes = [1, 16, 64] if args.quick else [1, 16, 64, 256, 1024]
     cells = sweep(lengths, batch_sizes, n_items, args.quick, peak)
@@ -241,6 +275,7 @@ def main() -> None:
         "matmul_peak": peak_before, "matmul_peak_after": peak_after,
         "flops_definition": model_flops.__doc__,
         "batched_vs_loop": comparisons,
+        "profile_real_histories": profiled,
         "sweep": cells,
     }
     suffix = "_quick" if args.quick else ""

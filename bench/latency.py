@@ -1,6 +1,6 @@
 """Latency from event time to decision published, at half the worker's measured maximum rate.
 
-    .venv/bin/python bench/latency.py            # about 5 minutes
+    .venv/bin/python bench/latency.py            # about 3 minutes
     .venv/bin/python bench/latency.py --quick    # a smoke run in about a minute
 
 In one run, on one real broker:
