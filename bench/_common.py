@@ -101,11 +101,12 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
+def add_output_options(parser: argparse.ArgumentParser,
+                       summary_default: str = "OUT_DIR/summary.json; quick: none") -> None:
     """--out-dir and --summary, as every benchmark takes them."""
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where results go")
     parser.add_argument("--summary", type=Path, default=None,
-                        help="summary.json to merge into [OUT_DIR/summary.json; quick: none]")
+                        help=f"summary.json to merge into [{summary_default}]")
 
 
 def summary_path(args: argparse.Namespace) -> Path | None:

@@ -139,7 +139,7 @@ def execute(run: Run, checkpoints: Path | None) -> tuple[dict[str, Any], dict[st
         version = checkpoint.save(checkpoints / run.name, model, result.vocab,
                                   split.popularity, metadata(result, run.train, source),
                                   training_curve_png(result.history, result.best_epoch,
-                                                     run.name))
+                                                     run.name, run.train.select_protocol))
     record = {
         "name": run.name, "dataset": run.dataset, "events": len(rows),
         "users": len(split.train_items), "items": model.cfg.n_items,
@@ -228,11 +228,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run on a slice, seconds")
     parser.add_argument("--full", action="store_true",
-                        help="promo train's own budget and every ablation (about 50 minutes); "
+                        help="promo train's own budget and every ablation (about 30 minutes); "
                              "the figures against the papers")
     parser.add_argument("--only", nargs="*", default=None, help="run names or datasets")
     parser.add_argument("--threads", type=int, default=None, help="torch threads [all cores]")
-    add_output_options(parser)
+    add_output_options(parser, summary_default="OUT_DIR/summary.json with --full; otherwise none")
     parser.add_argument("--checkpoints", type=Path, default=None,
                         help="also keep each run's checkpoint here [checkpoints/bench, "
                              "short: checkpoints/bench-short, quick: none]")
@@ -248,7 +248,11 @@ def main() -> None:
     out_ranks = args.out_dir / f"encoder_quality_ranks{suffix}.npz"
     # --only re-runs some runs and keeps the others' records (each with its own machine facts).
     records, ranks = kept_runs(out_json, out_ranks) if args.only else ({}, {})
-    for run in runs(args.quick, args.full, args.only):
+    chosen = runs(args.quick, args.full, args.only)
+    if not chosen:
+        parser.error(f"--only {' '.join(args.only or [])} matches no run at this size "
+                     "(the Instacart ablation runs with --full only)")
+    for run in chosen:
         records[run.name], run_ranks = execute(run, checkpoints)
         records[run.name]["machine"] = machine_facts()
         ranks.update(run_ranks)

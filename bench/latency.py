@@ -9,7 +9,10 @@ In one run, on one real broker:
    as fast as it can, on the same cores, as in the sustained phase (a worker draining a
    pre-filled topic alone, the throughput benchmark's (c), has the machine to itself and
    overstates what it sustains beside a producer); the worker's rate from its first processed
-   event to its last is the maximum;
+   event to its last is the maximum. The producer finishes first, so the last part of that
+   window has the cores to itself; counting only the time the producer is sending overstates
+   far more (the worker drains the producer's backlog in full batches while the producer sets
+   the pace: 21,710 events/s in one run, at half of which the worker saturated);
 2. sustained: a fresh worker on fresh topics while real events are replayed at 50% of that rate
    for ``--seconds``, each stamped with the wall clock when it is sent;
 3. each decision's latency is its record's timestamp (set by the worker's producer when it

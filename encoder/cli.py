@@ -228,7 +228,8 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
     meta = training.metadata(result, config, source)
     title = f"{source.get('dataset') or Path(str(source.get('interactions'))).name}: " \
             f"best epoch {result.best_epoch}"
-    png = training.training_curve_png(result.history, result.best_epoch, title)
+    png = training.training_curve_png(result.history, result.best_epoch, title,
+                                      config.select_protocol)
     if overwrite and out.exists():
         shutil.rmtree(out)
     version = checkpoint.save(out, result.model, result.vocab, result.split.popularity, meta,

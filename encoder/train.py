@@ -328,8 +328,10 @@ def metadata(result: TrainResult, config: TrainConfig, source: dict[str, Any],
     }
 
 
-def training_curve_png(history: Sequence[dict[str, Any]], best_epoch: int, title: str) -> bytes:
-    """Loss and validation NDCG@10 / HR@10 (full ranking) per epoch, best epoch marked."""
+def training_curve_png(history: Sequence[dict[str, Any]], best_epoch: int, title: str,
+                       protocol: str = "full") -> bytes:
+    """Loss and validation NDCG@10 / HR@10 per epoch under the protocol that chose the epoch,
+    best epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,10 +342,10 @@ def training_curve_png(history: Sequence[dict[str, Any]], best_epoch: int, title
     ax_loss.plot(epochs, [h["loss"] for h in history], marker=".")
     ax_loss.set(xlabel="epoch", ylabel="training cross-entropy", title="loss")
     for key in ("NDCG@10", "HR@10"):
-        ax_valid.plot(epochs, [h["valid"]["full"][key] for h in history], marker=".",
-                      label=f"full {key}")
+        ax_valid.plot(epochs, [h["valid"][protocol][key] for h in history], marker=".",
+                      label=f"{protocol} {key}")
     ax_valid.axvline(best_epoch, color="grey", linestyle="--", label=f"chosen: {best_epoch}")
-    ax_valid.set(xlabel="epoch", title="validation (full ranking)")
+    ax_valid.set(xlabel="epoch", title=f"validation ({protocol} protocol)")
     ax_valid.legend()
     fig.suptitle(title)
     fig.tight_layout()

@@ -356,9 +356,12 @@ def simulate(context: Context, dataset: str | None, interactions: Path | None, u
 
     Cuts the data in time, trains on (or uses a checkpoint for) the part before the cut, and
     replays the rest through the worker's own state and policy code. Compares our policy with
-    random, popularity and holdout (no coupon) on the same users and moments: hit rate, coupon
-    cost, cost per incremental purchase, caps and budgets binding, propensity calibration and
-    coupon exposure. Policy knobs come from the settings (`promo config`). Example:
+    random, popularity, repeat (the user's own items first), holdout (no coupon) and ours
+    without the propensity gate or the repeat prior, on the same users and moments: hit rate,
+    new-item hit rate, coupon cost, cost per incremental purchase, caps and budgets binding,
+    propensity calibration and coupon exposure. The repeat prior's weight is chosen on a
+    validation period before the cut. Policy knobs come from the settings (`promo config`).
+    Example:
 
         promo simulate --dataset instacart-sample --json
     """

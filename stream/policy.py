@@ -39,7 +39,7 @@ from stream.config import PolicyConfig
 from stream.events import Event
 from stream.state import TYPE_ID, UserState
 
-POLICY_VERSION = "policy-1"
+POLICY_VERSION = "policy-2"  # 2: push ranking adds the repeat prior
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -181,6 +181,8 @@ class Decision:
     user_id: str
     action: str  # coupon | push | none
     arm: str  # treatment | holdout
+    # The ranking score of what was chosen: the coupon's affinity, or for a push the
+    # top-ranked candidate's encoder score plus its repeat prior (push_repeat_weight x log(1 + n)).
     score: float
     reasons: list[dict[str, Any]]
     model_version: str
@@ -486,7 +488,10 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
         if not cold and vector is not None:
             reasons.append({"code": "similar_to_recent",
                             "items": _explain(state, tuple(items), ctx)})
-            again = _repeat_items(state, model, items) if cfg.push_repeat_weight else []
+            # The abandoned cart's item leads for its own reason, not because the prior lifted it.
+            ranked = [item for item in items if item != state.cart_item
+                      or trigger.kind != "cart_abandoned"]
+            again = _repeat_items(state, model, ranked) if cfg.push_repeat_weight else []
             if again:
                 reasons.append({"code": "repeat_item", "items": again})
     return items, score

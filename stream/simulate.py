@@ -597,11 +597,15 @@ def choose_repeat_weight(before: Sequence[Interaction], encoder: Any, config: Si
     """The push_repeat_weight with the best push hit rate on the last ``validation_fraction``
     of ``before``, replayed with state warmed on the rest (no coupons: it judges pushes).
     Ties go to the smaller weight."""
-    warm, valid, _ = time_split(before, 1.0 - config.validation_fraction)
+    keep = {"chosen": config.policy.push_repeat_weight, "validation_moments": 0,
+            "validation_hit_rate": {}}
+    try:
+        warm, valid, _ = time_split(before, 1.0 - config.validation_fraction)
+    except ValueError:  # too few distinct times before the cut to validate on: keep the setting
+        return keep
     moments, future = collect_moments(warm, valid, config)
     if not moments:
-        return {"chosen": config.policy.push_repeat_weight, "validation_moments": 0,
-                "validation_hit_rate": {}}
+        return keep
     vectors = user_vectors(encoder, moments)
     treated = dataclasses.replace(config.policy, holdout_percent=0.0)
     buckets = activity_buckets(moments)

@@ -332,3 +332,18 @@ def test_the_repeat_prior_lifts_items_the_user_had_before() -> None:
     assert "repeat_item" not in [r["code"] for r in without.reasons]
     assert lifted.push is not None and lifted.push["items"][0] == "i7"
     assert {"code": "repeat_item", "items": ["i7"]} in lifted.reasons
+
+
+def test_an_abandoned_cart_item_is_not_reported_as_lifted_by_the_repeat_prior() -> None:
+    # i3 leads the push because it was left in the cart, whatever the prior's weight.
+    user = user_with([ev(n, "view", "i7", ts=NOON - 2 * DAY) for n in range(3)]
+                     + [ev(9, "add_to_cart", "i3")])
+    model = TableModel()
+    vector = -model.table[8].astype(np.float16)
+    abandoned = Trigger("cart_abandoned", "cart-u-1", ("i3",), NOON)
+    decision = decide("u", user, vector, abandoned,
+                      Preferences(push_opt_in=True, coupon_opt_in=False),
+                      ctx(config=PolicyConfig(holdout_percent=0, push_repeat_weight=100.0)))
+    assert decision is not None and decision.push is not None
+    assert decision.push["items"][:2] == ["i3", "i7"]
+    assert {"code": "repeat_item", "items": ["i7"]} in decision.reasons

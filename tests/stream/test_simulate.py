@@ -80,6 +80,15 @@ def test_the_repeat_weight_is_the_best_on_a_validation_period_before_the_cut(
     assert tuning["configured"] == CONFIG.policy.push_repeat_weight
 
 
+def test_too_short_a_history_to_validate_on_keeps_the_configured_repeat_weight(
+        encoder: Encoder) -> None:
+    # One distinct time before the cut: there is no validation period to choose on.
+    before = [_row("u", f"i{n}", "purchase", 0) for n in range(5)]
+    tuning = sim.choose_repeat_weight(before, encoder, CONFIG, frozenset({"purchase"}))
+    assert tuning["chosen"] == CONFIG.policy.push_repeat_weight
+    assert tuning["validation_moments"] == 0
+
+
 def test_the_repeat_baseline_offers_the_users_own_items_first(encoder: Encoder) -> None:
     baseline = sim.BaselineItems(encoder, "repeat", np.arange(encoder.config.vocab_size,
                                                               dtype=np.float64),
