@@ -461,9 +461,9 @@ def _coupon_score(coupon: Coupon, state: UserState, vector: np.ndarray | None,
 def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, ctx: Context,
                 cold: bool, reasons: list[dict[str, Any]]) -> tuple[list[str], float]:
     cfg, model = ctx.config, ctx.model
-    items: list[str] = []
-    if trigger.kind == "cart_abandoned" and state.cart_item:
-        items.append(state.cart_item)
+    # The abandoned cart's item leads for its own reason, not because the prior lifted it.
+    lead = [state.cart_item] if trigger.kind == "cart_abandoned" and state.cart_item else []
+    items = list(lead)
     score = 0.0
     if model is not None:
         exclude = push_exclusions(state, model, ctx.now_ms, cfg)
@@ -488,10 +488,8 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
         if not cold and vector is not None:
             reasons.append({"code": "similar_to_recent",
                             "items": _explain(state, tuple(items), ctx)})
-            # The abandoned cart's item leads for its own reason, not because the prior lifted it.
-            ranked = [item for item in items if item != state.cart_item
-                      or trigger.kind != "cart_abandoned"]
-            again = _repeat_items(state, model, ranked) if cfg.push_repeat_weight else []
+            again = (_repeat_items(state, model, items[len(lead):])
+                     if cfg.push_repeat_weight else [])
             if again:
                 reasons.append({"code": "repeat_item", "items": again})
     return items, score
