@@ -18,7 +18,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install lint
+test: install lint typecheck
 	$(BIN)/pytest
 
 clean:

@@ -147,7 +147,8 @@ class Encoder:
         """float32 (C, d) embeddings of item indices, OOV buckets included (for explanations)."""
         with torch.inference_mode():
             index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-            return self.model.item_emb(index).numpy().copy()
+            vectors: np.ndarray = self.model.item_emb(index).numpy().copy()
+        return vectors
 
     def popular_items(self, k: int) -> np.ndarray:
         """The k most popular known items (cold-start fallback), most popular first."""

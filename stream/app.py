@@ -21,13 +21,13 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 import orjson
 from faust.types import TP
 
-from stream.batching import BatchingApp
+from stream.batching import BatchingApp, BatchingConsumer
 from stream.catalog import CouponCatalog
 from stream.config import KafkaSettings, Settings
 from stream.events import Limits, Reason, Rejection, dead_letter
@@ -92,13 +92,15 @@ class TableStore:
     def __init__(self, app: BatchingApp, events_topic: str, partitions: int) -> None:
         self.app = app
         self.events_topic = events_topic
-        table = dict(key_type=bytes, value_type=bytes, partitions=partitions, default=None)
-        self.users = app.Table("users", help="Encoded user state, by user id.", **table)
-        self.budgets = app.Table("coupon-budgets", help="Per-partition coupon reservations.",
-                                 **table)
-        self.carts = app.Table("open-carts", help="Open carts: user id -> cart time.", **table)
-        self.preferences = app.Table("preferences", help="user-preferences, by user id.",
-                                     **table)
+
+        def table(name: str, description: str) -> Any:
+            return app.Table(name, help=description, key_type=bytes, value_type=bytes,
+                             partitions=partitions, default=None)
+
+        self.users = table("users", "Encoded user state, by user id.")
+        self.budgets = table("coupon-budgets", "Per-partition coupon reservations.")
+        self.carts = table("open-carts", "Open carts: user id -> cart time.")
+        self.preferences = table("preferences", "user-preferences, by user id.")
 
     def _context(self, partition: int) -> Any:
         return self.app.partition_context(self.events_topic, partition)
@@ -239,7 +241,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     app.batch_topic(events_topic, process_events)
 
     @app.agent(preferences_topic, name="preferences")
-    async def read_preferences(stream: faust.StreamT) -> None:
+    async def read_preferences(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
             message = event.message
             key, value = message.key, message.value
@@ -265,7 +267,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     async def abandoned_carts() -> None:
         if not app.consumer.assignment():
             return
-        async with app.consumer.holding_batch_lock():  # never interleave with a batch's writes
+        consumer = cast(BatchingConsumer, app.consumer)
+        async with consumer.holding_batch_lock():  # never interleave with a batch's writes
             await pipeline.check_carts()
 
     @app.timer(worker.model_poll_seconds, name="model-watch")

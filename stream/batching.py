@@ -36,7 +36,7 @@ import asyncio
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.events import Event as FaustEvent
@@ -101,7 +101,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
 
     async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
         generation = self.app.consumer_generation_id
-        records, active = await super()._wait_next_records(timeout)
+        fetched, active = await super()._wait_next_records(timeout)
+        records = cast(dict[TP, list[Any]] | None, fetched)  # faust's is a plain dict
         handlers: dict[str, BatchHandler] = self.app.batch_handlers  # type: ignore[attr-defined]
         if records and handlers:
             await self._linger(records, handlers)

@@ -199,7 +199,7 @@ def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced:
     for key, n in sorted(metrics["promo_decisions_published_total"].items()):
         echo(f"            {int(n):>8,}  {key}")
     decisions = asyncio.run(_read(settings, settings.kafka.decisions_topic))
-    spent = Counter()
+    spent: Counter[str] = Counter()
     for d in decisions:
         if d["action"] == "coupon" and d["arm"] == "treatment":
             spent[d["coupon"]["coupon_id"]] += d["coupon"]["discount"]

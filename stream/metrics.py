@@ -25,7 +25,7 @@ from encoder.data import EVENT_TYPES
 from stream.events import Reason
 
 # `*_created` series double the exposition for no use on dashboards or alerts.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ACTIONS = ("coupon", "push", "none")
 ARMS = ("treatment", "holdout")
