@@ -18,6 +18,13 @@ Differences from the SASRec paper's recipe, and why:
   ``epochs``, or as many as fit in ``max_minutes`` at the recent pace, whichever is fewer
   (re-planned every epoch, see :func:`planned_epochs`), so a run bounded by time still ends
   annealed instead of being cut off mid-stride.
+- AdamW with a strong decoupled weight decay (0.5; SASRec has none on Games). The decay acts
+  every step while an item's embedding is pulled up only when the item occurs, so the
+  embeddings of rarely seen items shrink toward zero instead of keeping whatever a handful of
+  users pushed into them; the model then stops ranking such items over well-attested ones by
+  chance. On Games, same 63-epoch schedule, the best validation sampled NDCG@10 was 0.566
+  without decay, 0.572 at 0.1, 0.580 at 0.3, 0.581 at 0.5, and 1.0 was far worse (0.53 after
+  43 epochs); dropout 0.3 instead of 0.5 at decay 0.3 was worse (0.561).
 - Checkpoints are chosen on validation NDCG@10 only (full ranking by default; the paper's
   sampled protocol with ``select_protocol="sampled"``: the two peak at different epochs); the
   test split is evaluated once, after training, with the chosen weights.
@@ -65,7 +72,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 100
     decay: bool = True  # lr falls linearly to 0 at the budget (epochs or max_minutes)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.5  # AdamW's decoupled decay: see the module docstring
     patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     # Which validation NDCG@10 picks the epoch: "full" ranking (what the worker does) or the
     # paper's "sampled" protocol. They peak at different epochs, so select on the one reported.
