@@ -73,7 +73,7 @@ class TrainConfig:
     warmup_steps: int = 100
     decay: bool = True  # lr falls linearly to 0 at the budget (epochs or max_minutes)
     weight_decay: float = 0.5  # AdamW's decoupled decay: see the module docstring
-    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
     # Which validation NDCG@10 picks the epoch: "full" ranking (what the worker does) or the
     # paper's "sampled" protocol. They peak at different epochs, so select on the one reported.
     select_protocol: str = "full"
