@@ -7,7 +7,14 @@ import torch
 from encoder.data import Interaction, encode_split, leave_one_out, user_sequences
 from encoder.evaluate import EvalSettings, evaluate_model
 from encoder.model import EncoderConfig, EncoderModel
-from encoder.train import TrainConfig, TrainResult, build_vocabulary, make_windows, train
+from encoder.train import (
+    TrainConfig,
+    TrainResult,
+    build_vocabulary,
+    decay_groups,
+    make_windows,
+    train,
+)
 from tests.encoder.conftest import patterned_interactions
 
 
@@ -47,6 +54,17 @@ def test_an_unknown_selection_protocol_is_refused() -> None:
     with pytest.raises(ValueError, match="select_protocol"):
         train(rows, EncoderConfig(max_len=8, d_model=8, n_heads=2, d_ff=16),
               TrainConfig(epochs=1, select_protocol="paper"), progress=False, log=lambda _: None)
+
+
+def test_weight_decay_shrinks_embeddings_and_weights_but_not_norms_or_biases() -> None:
+    model = EncoderModel(EncoderConfig(n_items=10, d_model=8, n_heads=2, d_ff=16))
+    groups = decay_groups(model, 0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.5 for p in g["params"]}
+    kept = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept
+    assert {"item_emb.weight", "pos_emb.weight", "blocks.0.attn.qkv.weight"} <= decayed
+    assert {"ln_f.weight", "ln_f.bias", "blocks.0.ln_1.weight", "blocks.0.mlp.fc.bias"} <= kept
 
 
 def test_windows_make_every_training_event_after_the_first_a_target_once() -> None:
