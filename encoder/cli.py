@@ -154,6 +154,12 @@ def _err(message: str) -> None:
 @click.option("--negatives", type=click.IntRange(min=0), default=TrainConfig.negatives,
               show_default=True, help="Uniform negatives per batch in the sampled softmax; 0 "
               "(or a catalogue this small) uses the softmax over every item.")
+@click.option("--horizon", type=click.IntRange(min=1), default=TrainConfig.horizon,
+              show_default=True, help="Each position also learns the items of up to this "
+              "many next events (1: the next event only, as SASRec).")
+@click.option("--horizon-weight", type=click.FloatRange(min=0),
+              default=TrainConfig.horizon_weight, show_default=True,
+              help="Loss weight of each event after the next one (the next event weighs 1).")
 @click.option("--lr-decay/--no-lr-decay", default=TrainConfig.decay, show_default=True,
               help="Decay the learning rate linearly to zero over --epochs, or over as many "
                    "epochs as fit in --max-minutes at the first epoch's pace if fewer.")
@@ -187,7 +193,8 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
           out: Path,
           overwrite: bool, epochs: int, max_minutes: float, patience: int,
           select_protocol: str, seed: int,
-          batch_size: int, lr: float, negatives: int, lr_decay: bool, weight_decay: float,
+          batch_size: int, lr: float, negatives: int, horizon: int, horizon_weight: float,
+          lr_decay: bool, weight_decay: float,
           max_len: int, layers: int,
           d_model: int, heads: int, d_ff: int, dropout: float, oov_buckets: int,
           event_types: bool, target_types: str | None, history: str, threads: int | None,
@@ -217,7 +224,8 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
                                  d_model=d_model, n_heads=heads, d_ff=d_ff, dropout=dropout,
                                  use_event_types=event_types)
     config = TrainConfig(epochs=epochs, max_minutes=max_minutes, batch_size=batch_size, lr=lr,
-                         negatives=negatives, decay=lr_decay, weight_decay=weight_decay,
+                         negatives=negatives, horizon=horizon, horizon_weight=horizon_weight,
+                         decay=lr_decay, weight_decay=weight_decay,
                          patience=patience, select_protocol=select_protocol, seed=seed,
                          target_types=_target_types(target_types),
                          exclude_history=_HISTORY[history], threads=threads)

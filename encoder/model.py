@@ -254,24 +254,51 @@ class EncoderModel(nn.Module):
         return torch.einsum("bd,bcd->bc", vectors, emb)
 
     def loss(self, items: torch.Tensor, types: torch.Tensor, targets: torch.Tensor,
-             negatives: torch.Tensor | None = None) -> torch.Tensor:
-        """Softmax cross-entropy for the item that follows each event.
+             negatives: torch.Tensor | None = None,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Softmax cross-entropy for the items that follow each event.
 
         ``targets`` (B, T) holds the next item's index after each position, 0 where there is
-        none or it is left out; only those rows are projected onto the item table, since the
-        logits are most of the training cost. With ``negatives`` None the softmax runs over
-        every known item; with a (K,) tensor of item indices it runs over the true item and
-        those K shared negatives (a sampled softmax; a negative equal to the true item is
-        masked out). Uniform negatives need no log-Q correction: every item is as likely.
+        none or it is left out. ``targets`` (B, T, K) holds the items of the next K events
+        (column k: k + 1 events ahead); each target's cross-entropy counts ``weights[k]`` times
+        (default 1), and the sum is divided by the number of next-event targets, so with (B, T)
+        targets the loss is their mean cross-entropy. Only
+        positions with a target are projected onto the item table, since the logits are most
+        of the training cost, and every column shares those logits.
+
+        With ``negatives`` None the softmax runs over every known item; with a (S,) tensor of
+        item indices it runs over the true item and those S shared negatives (a sampled
+        softmax; a negative equal to the true item is masked out). Uniform negatives need no
+        log-Q correction: every item is as likely.
         """
+        if targets.dim() == 2:
+            targets = targets[:, :, None]
+        assert targets.shape[:2] == items.shape, \
+            f"targets {tuple(targets.shape)} do not match items {tuple(items.shape)}"
+        K = targets.shape[2]
+        if weights is None:
+            weights = torch.ones(K)
+        assert weights.shape == (K,), f"weights {tuple(weights.shape)}, targets have K = {K}"
         hidden = self.encode(items, types)  # (N, d)
-        wanted = targets[items != 0]  # (N,), same packed order as hidden
-        keep = wanted != 0
-        h, positives = hidden[keep], wanted[keep]  # (N_t, d), (N_t,)
-        if negatives is None:
-            return F.cross_entropy(h @ self.item_embeddings().T, positives - 1)
-        positive = (h * self.item_emb(positives)).sum(dim=1, keepdim=True)  # (N_t, 1)
-        sampled = h @ self.item_emb(negatives).T  # (N_t, K)
-        sampled = sampled.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
-        logits = torch.cat([positive, sampled], dim=1)
-        return F.cross_entropy(logits, torch.zeros_like(positives))
+        wanted = targets[items != 0]  # (N, K), same packed order as hidden
+        keep = (wanted != 0).any(dim=1)
+        h, wanted = hidden[keep], wanted[keep]  # (N_t, d), (N_t, K)
+        has_target = wanted != 0
+        positive = (h[:, None, :] * self.item_emb(wanted)).sum(dim=2)  # (N_t, K)
+        if negatives is None:  # log of the softmax's denominator, once for every column
+            log_z = torch.logsumexp(h @ self.item_embeddings().T, dim=1, keepdim=True)
+        else:
+            # Over the true item and the negatives other than it: a negative equal to the
+            # true item drops out. With c such copies among the S negatives the denominator
+            # is exp(log_z_neg) + (1 - c) exp(positive); c = 0 adds the true item, c = 1
+            # swaps its copy for it, and c > 1 removes the extra copies.
+            log_z_neg = torch.logsumexp(h @ self.item_emb(negatives).T, dim=1, keepdim=True)
+            copies = torch.bincount(negatives, minlength=self.cfg.vocab_size)[wanted]  # (N_t, K)
+            gap = positive - log_z_neg
+            log_z = torch.where(
+                copies == 0, log_z_neg + F.softplus(gap),
+                log_z_neg + torch.log((1 - (copies - 1) * gap.exp()).clamp_min(1e-30)))
+        cross_entropy = (log_z - positive) * has_target  # (N_t, K)
+        # Per next-event target, so a column's weight is a weight per event wherever it has
+        # fewer targets (near a history's end), never inflated to a whole column's.
+        return (cross_entropy.sum(dim=0) * weights).sum() / has_target[:, 0].sum().clamp_min(1)

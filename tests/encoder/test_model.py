@@ -107,6 +107,51 @@ def test_sampled_loss_is_cross_entropy_over_the_target_and_the_negatives(
     torch.testing.assert_close(tiny_model.loss(items, types, targets, negatives), expected)
 
 
+def test_every_copy_of_the_target_among_the_negatives_is_masked(
+        tiny_model: EncoderModel) -> None:
+    items, types = random_batch(1, 4)
+    targets = torch.zeros_like(items)
+    targets[0, 3] = 5
+    negatives = torch.tensor([5, 2, 5, 9, 2])  # drawn with replacement: copies happen
+    h = tiny_model(items, types)[0, 3]
+    emb = tiny_model.item_emb.weight
+    logits = torch.stack([h @ emb[5], h @ emb[2], h @ emb[9], h @ emb[2]])
+    expected = F.cross_entropy(logits[None], torch.tensor([0]))
+    torch.testing.assert_close(tiny_model.loss(items, types, targets, negatives), expected)
+
+
+def test_targets_further_ahead_add_their_weighted_cross_entropy(
+        tiny_model: EncoderModel) -> None:
+    items, types = random_batch(2, 5, lengths=[5, 2])
+    targets = torch.zeros(2, 5, 3, dtype=torch.long)
+    targets[0, 3] = torch.tensor([4, 6, 0])  # next event, two ahead, nothing three ahead
+    targets[0, 4] = torch.tensor([6, 0, 0])
+    targets[1, 4] = torch.tensor([2, 8, 11])
+    negatives = torch.tensor([1, 6, 9, 12])
+    weights = torch.tensor([1.0, 0.3, 0.5])
+    h = tiny_model(items, types)
+    emb = tiny_model.item_emb.weight
+
+    def ce(rows: list[tuple[int, int, int]]) -> torch.Tensor:
+        terms = []
+        for b, t, k in rows:
+            target = int(targets[b, t, k])
+            others = [int(n) for n in negatives if int(n) != target]
+            logits = torch.stack([h[b, t] @ emb[target]] + [h[b, t] @ emb[n] for n in others])
+            terms.append(F.cross_entropy(logits[None], torch.tensor([0])))
+        return torch.stack(terms).sum()
+
+    # Each target weighs its column's weight; the sum is per next-event target (3 of them).
+    expected = (ce([(0, 3, 0), (0, 4, 0), (1, 4, 0)]) + 0.3 * ce([(0, 3, 1), (1, 4, 1)])
+                + 0.5 * ce([(1, 4, 2)])) / 3
+    loss = tiny_model.loss(items, types, targets, negatives, weights)
+    torch.testing.assert_close(loss, expected)
+    # Only the next event counts when the others weigh nothing, as with (B, T) targets.
+    torch.testing.assert_close(
+        tiny_model.loss(items, types, targets, negatives, torch.tensor([1.0, 0.0, 0.0])),
+        tiny_model.loss(items, types, targets[:, :, 0], negatives))
+
+
 def test_scores_are_dot_products_with_item_embeddings(tiny_model: EncoderModel) -> None:
     vectors = torch.randn(3, TINY.d_model)
     emb = tiny_model.item_emb.weight

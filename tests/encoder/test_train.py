@@ -81,6 +81,22 @@ def test_windows_make_every_training_event_after_the_first_a_target_once() -> No
         assert (windows.items[w, : 12 - n] == 0).all() and (windows.items[w, 12 - n :] > 0).all()
 
 
+def test_windows_give_each_position_the_items_of_the_next_events() -> None:
+    rows = patterned_interactions(n_users=1, length=12)
+    vocab = build_vocabulary(rows, 4)
+    split = encode_split(leave_one_out(user_sequences(rows)), vocab)
+    history = split.train_items[0]  # 10 training events
+    windows = make_windows(split, max_len=4, horizon=3)
+    assert windows.targets.shape == (len(windows.lengths), 4, 3)
+    # Windows of inputs [5, 9), [1, 5), [0, 1); position p's targets are events p+1..p+3.
+    newest, older, oldest = windows.targets
+    assert newest[-1].tolist() == [history[9], 0, 0]
+    assert newest[0].tolist() == history[6:9].tolist()
+    assert older[-1].tolist() == history[5:8].tolist()  # across the window's end
+    assert oldest[-1].tolist() == history[1:4].tolist()
+    assert (oldest[:-1] == 0).all()
+
+
 def test_training_is_reproducible_with_a_seed() -> None:
     rows = patterned_interactions(n_users=30, length=8)
     cfg = EncoderConfig(max_len=8, d_model=8, n_heads=2, d_ff=16, n_oov_buckets=2)
