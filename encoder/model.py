@@ -301,4 +301,6 @@ class EncoderModel(nn.Module):
         cross_entropy = (log_z - positive) * has_target  # (N_t, K)
         # Per next-event target, so a column's weight is a weight per event wherever it has
         # fewer targets (near a history's end), never inflated to a whole column's.
-        return (cross_entropy.sum(dim=0) * weights).sum() / has_target[:, 0].sum().clamp_min(1)
+        loss: torch.Tensor = ((cross_entropy.sum(dim=0) * weights).sum()
+                              / has_target[:, 0].sum().clamp_min(1))
+        return loss
