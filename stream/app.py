@@ -7,8 +7,13 @@ Tables (RocksDB, each with a changelog topic, all co-partitioned with `events`):
 
 - ``users``: encoded :class:`~stream.state.UserState` per user;
 - ``coupon-budgets``: per partition, what that partition reserved of each campaign;
-- ``open-carts``: users with an open cart and its time, scanned by the abandonment timer;
+- ``open-carts``: users with an open cart, its time and item, scanned by the abandonment timer;
 - ``preferences``: the `user-preferences` topic, read by a (per-event) agent.
+
+A record on another partition than ``murmur2(key)`` picks (a producer with another
+partitioner) is forwarded to a repartition topic on the right one, for `events` by the batch
+handler and for `user-preferences` by its agent: the tables are only ever written on the
+partition their user lives on, whatever client produced the record.
 
 The coupon catalog is read by every worker in full (:mod:`stream.catalog`).
 """
@@ -33,9 +38,9 @@ from stream.config import KafkaSettings, Settings
 from stream.events import Limits, Reason, Rejection, dead_letter
 from stream.metrics import Metrics
 from stream.models import ModelWatcher
-from stream.pipeline import Pipeline, Topics
+from stream.pipeline import OpenCart, Pipeline, Topics
 from stream.policy import Preferences
-from stream.topics import sasl_password, ssl_context
+from stream.topics import expected_partition, repartition_topic, sasl_password, ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +102,10 @@ class TableStore:
             return app.Table(name, help=description, key_type=bytes, value_type=bytes,
                              partitions=partitions, default=None)
 
+        # The names are stream.topics.TABLES: ensure_topics creates their changelogs.
         self.users = table("users", "Encoded user state, by user id.")
         self.budgets = table("coupon-budgets", "Per-partition coupon reservations.")
-        self.carts = table("open-carts", "Open carts: user id -> cart time.")
+        self.carts = table("open-carts", "Open carts: user id -> cart time and item.")
         self.preferences = table("preferences", "user-preferences, by user id.")
 
     def _context(self, partition: int) -> Any:
@@ -130,22 +136,29 @@ class TableStore:
             raw: bytes | None = self.preferences.get(user_id.encode())
         return raw
 
-    def set_open_carts(self, partition: int, carts: Mapping[str, int | None]) -> None:
+    def put_preferences(self, partition: int, key: bytes, value: bytes | None) -> None:
         with self._context(partition):
-            for uid, cart_ts in carts.items():
-                if cart_ts is None:
+            if value is None:
+                self.preferences.pop(key, None)
+            else:
+                self.preferences[key] = value
+
+    def set_open_carts(self, partition: int, carts: Mapping[str, OpenCart | None]) -> None:
+        with self._context(partition):
+            for uid, cart in carts.items():
+                if cart is None:
                     self.carts.pop(uid.encode(), None)
                 else:
-                    self.carts[uid.encode()] = orjson.dumps({"ts": cart_ts, "p": partition})
+                    self.carts[uid.encode()] = cart.to_json()
 
-    def due_carts(self, before_ms: int) -> list[tuple[int, str]]:
+    def due_carts(self, before_ms: int) -> list[OpenCart]:
         due = []
         for key, raw in self.carts.items():
             if raw is None:
                 continue
-            body = orjson.loads(raw)
-            if body["ts"] <= before_ms:
-                due.append((int(body["p"]), key.decode()))
+            cart = OpenCart.from_json(key.decode(), raw)
+            if cart.ts_ms <= before_ms:
+                due.append(cart)
         return due
 
     async def flush(self) -> None:
@@ -191,14 +204,14 @@ class ProducerSink:
         self.app = app
         self.events_topic = events_topic
 
-    async def send(self, topic: str, key: bytes | None, value: bytes,
-                   source_partition: int) -> Awaitable[Any]:
+    async def send(self, topic: str, key: bytes | None, value: bytes | None,
+                   source_partition: int, partition: int | None = None) -> Awaitable[Any]:
         transactional_id = None
         if self.app.in_transaction:
             group = self.app.assignor.group_for_topic(self.events_topic)
             transactional_id = f"{self.app.conf.id}-{group}-{source_partition}"
         fut: Awaitable[Any] = await self.app.producer.send(
-            topic, key, value, partition=None, timestamp=None, headers=None,
+            topic, key, value, partition=partition, timestamp=None, headers=None,
             transactional_id=transactional_id)
         return fut
 
@@ -206,30 +219,84 @@ class ProducerSink:
         await self.app.producer.flush()
 
 
+class PreferencesCatchUp:
+    """Readiness, and the gate that holds events back until consent is enforceable.
+
+    After each rebalance (tables recovered), the worker notes the end offsets of its
+    `user-preferences` partitions (and their repartition topic); events are processed, and
+    ``promo_worker_ready`` is 1, only once the preferences table has read up to them. So a
+    shop that publishes an opt-out and then starts or scales workers never sees an event of
+    that user decided before the opt-out is in the table.
+    """
+
+    def __init__(self, app: BatchingApp, topics: set[str], metrics: Metrics) -> None:
+        self.app = app
+        self.topics = topics
+        self.metrics = metrics
+        self.targets: dict[TP, int] | None = None  # None: not assigned yet
+        self.ready = False
+        self._announced = False
+
+    def reset(self) -> None:
+        self.targets = None
+        self.ready = False
+        self.metrics.worker_ready.set(0)
+
+    async def arm(self) -> None:
+        consumer = self.app.consumer
+        tps = [tp for tp in consumer.assignment() if tp.topic in self.topics]
+        self.targets = dict(await consumer.highwaters(*tps)) if tps else {}
+        await self.check()
+
+    async def check(self) -> bool:
+        if self.targets is None:
+            return False
+        consumer = self.app.consumer
+        for tp, end in list(self.targets.items()):
+            position = await consumer.position(tp)
+            if position is not None and position >= end:
+                del self.targets[tp]
+        if not self.targets and not self.ready:
+            self.ready = True
+            self.metrics.worker_ready.set(1)
+            if not self._announced:
+                self._announced = True
+                log.info("worker ready", extra={"partitions": sorted(
+                    {tp.partition for tp in consumer.assignment()})})
+        return self.ready
+
+
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     metrics = metrics or Metrics()
     kafka, worker = settings.kafka, settings.worker
     app = BatchingApp(worker.app_id, **faust_settings(settings),
                       batch_max_records=worker.batch_max_events,
-                      batch_linger_seconds=worker.batch_max_seconds)
+                      batch_linger_seconds=worker.batch_max_seconds,
+                      transaction_timeout_seconds=worker.transaction_timeout_seconds)
 
-    def raw_topic(name: str, partitions: int | None = None) -> faust.TopicT:
+    def raw_topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
-                         value_serializer="raw", partitions=partitions)
+                         value_serializer="raw", partitions=kafka.partitions)
 
-    events_topic = raw_topic(kafka.events_topic, kafka.partitions)
-    preferences_topic = raw_topic(kafka.preferences_topic, kafka.partitions)
+    events_topic = raw_topic(kafka.events_topic)
+    events_repartition = raw_topic(repartition_topic(worker.app_id, "events"))
+    preferences_repartition = repartition_topic(worker.app_id, "preferences")
+    preferences_topic = app.topic(kafka.preferences_topic, preferences_repartition,
+                                  key_type=bytes, value_type=bytes, key_serializer="raw",
+                                  value_serializer="raw", partitions=kafka.partitions)
     store = TableStore(app, kafka.events_topic, kafka.partitions)
+    sink = ProducerSink(app, kafka.events_topic)
     catalog = CouponCatalog(kafka)
     models = ModelWatcher(worker.checkpoint or None, metrics)
     contract = settings.contract
     pipeline = Pipeline(
         limits=Limits.from_contract(contract),
-        topics=Topics(dlq=kafka.dlq_topic, decisions=kafka.decisions_topic,
+        topics=Topics(events=kafka.events_topic, repartition=events_repartition.get_topic_name(),
+                      dlq=kafka.dlq_topic, decisions=kafka.decisions_topic,
                       vectors=kafka.vectors_topic),
-        store=store, sink=ProducerSink(app, kafka.events_topic), metrics=metrics,
+        store=store, sink=sink, metrics=metrics,
         model=models, policy_config=settings.policy, coupons=catalog.snapshot,
-        partitions=kafka.partitions)
+        partitions=kafka.partitions, retries=worker.processing_retries)
 
     async def process_events(batches: Mapping[TP, Sequence[Any]]) -> None:
         await pipeline.process([r for part in batches.values() for r in part])
@@ -238,30 +305,72 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
             lag = consumer.highwater(tp) - (part[-1].offset + 1)
             metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, lag))
 
-    app.batch_topic(events_topic, process_events)
 
-    @app.agent(preferences_topic, name="preferences")
-    async def read_preferences(stream: faust.StreamT[Any]) -> None:
-        async for event in stream.events():
-            message = event.message
-            key, value = message.key, message.value
-            if key is not None and value is None:
-                store.preferences.pop(key, None)  # a tombstone forgets the user's settings
-                continue
+    async def process_preferences(batches: Mapping[TP, Sequence[Any]]) -> None:
+        for records in batches.values():
+            for record in records:
+                try:
+                    await _store_preferences(record)
+                except Exception as exc:  # one record must not stop consent for the rest
+                    log.exception("preferences record failed")
+                    await _dead_letter(record, Rejection(
+                        Reason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"[:500]),
+                        exception=type(exc).__name__)
+        await store.flush()
+        await catch_up.check()
+
+    async def _store_preferences(record: Any) -> None:
+        key, value = record.key, record.value
+        if key is not None and record.topic == kafka.preferences_topic:
+            home = expected_partition(key, kafka.partitions)
+            if home != record.partition:  # another partitioner: forward to its user's home
+                metrics.records_repartitioned.inc()
+                fut = await sink.send(preferences_repartition, key, value, record.partition,
+                                      partition=home)
+                await fut
+                return
+        if key is None:
+            await _dead_letter(record, Rejection(
+                Reason.KEY_MISMATCH, "preferences record without a user id key"))
+            return
+        if value is not None:
             try:
-                if key is None:
-                    raise ValueError("preferences record without a user id key")
                 Preferences.from_json(value)
             except (ValueError, TypeError, AttributeError) as exc:
-                rejection = Rejection(Reason.NOT_JSON if isinstance(exc, orjson.JSONDecodeError)
-                                      else Reason.INVALID_VALUE, str(exc)[:200])
-                metrics.records_rejected.labels(reason=rejection.reason.value).inc()
-                await app.producer.send(kafka.dlq_topic, key, dead_letter(
-                    rejection, raw=value, key=key, topic=message.topic,
-                    partition=message.partition, offset=message.offset,
-                    at_ms=int(time.time() * 1000)), None, None, None)
-                continue
-            store.preferences[key] = value
+                await _dead_letter(record, Rejection(
+                    Reason.NOT_JSON if isinstance(exc, orjson.JSONDecodeError)
+                    else Reason.INVALID_VALUE, str(exc)[:200]))
+                return
+        store.put_preferences(record.partition, key, value)  # None: a tombstone forgets
+
+    async def _dead_letter(record: Any, rejection: Rejection,
+                           exception: str | None = None) -> None:
+        metrics.records_rejected.labels(reason=rejection.reason.value).inc()
+        fut = await sink.send(kafka.dlq_topic, record.key, dead_letter(
+            rejection, raw=record.value, key=record.key, topic=record.topic,
+            partition=record.partition, offset=record.offset,
+            at_ms=int(time.time() * 1000), exception=exception), record.partition)
+        await fut
+
+    catch_up = PreferencesCatchUp(app, {kafka.preferences_topic, preferences_repartition},
+                                  metrics)
+    app.batch_topic(preferences_topic, process_preferences, first=True)
+    app.batch_topic(events_topic, process_events, gated=True)
+    app.batch_topic(events_repartition, process_events, gated=True)
+    app.batch_gate = catch_up.check
+
+    @app.on_partitions_revoked.connect
+    async def not_ready(*args: Any, **kwargs: Any) -> None:
+        catch_up.reset()  # a rebalance: partitions move, tables recover
+
+    @app.on_rebalance_complete.connect
+    async def tables_recovered(*args: Any, **kwargs: Any) -> None:
+        await catch_up.arm()
+
+    @app.timer(0.5, name="readiness")
+    async def readiness() -> None:
+        if not catch_up.ready:
+            await catch_up.check()  # also when no record arrives to trigger it
 
     @app.timer(settings.policy.cart_check_seconds, name="abandoned-carts")
     async def abandoned_carts() -> None:
@@ -269,7 +378,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
             return
         consumer = cast(BatchingConsumer, app.consumer)
         async with consumer.holding_batch_lock():  # never interleave with a batch's writes
-            await pipeline.check_carts()
+            result = await pipeline.check_carts()
+            if app.in_transaction and result.partitions:
+                await consumer.commit_partitions(result.partitions)
 
     @app.timer(worker.model_poll_seconds, name="model-watch")
     async def watch_model() -> None:
@@ -288,5 +399,3 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
         await catalog.run()
 
     return Worker(app=app, pipeline=pipeline, metrics=metrics, models=models, catalog=catalog)
-
-

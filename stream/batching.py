@@ -27,7 +27,12 @@ exercise it against the real broker):
 - offsets become committable only after the handler returned, i.e. after state writes and
   output sends were delivered (at-least-once: a crash before the commit replays the batch;
   state skips records at or below each user's last applied offset, and decisions carry
-  deterministic ids).
+  deterministic ids);
+- under exactly-once, output that no input offset commits (the abandonment timer's decisions)
+  closes its transactions at once (:meth:`BatchingConsumer.commit_partitions`): faust commits
+  a transaction only when its partition has new offsets, so on a quiet partition the timer's
+  decisions would stay invisible to ``read_committed`` consumers until the broker aborts the
+  transaction (``transaction_timeout``) and fences the producer.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, cast
 
 import faust
+from aiokafka import TopicPartition
 from faust.events import Event as FaustEvent
 from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -46,6 +52,8 @@ from faust.types import TP, Message
 
 #: Processes one fetch: each partition's records (aiokafka ConsumerRecords, offset order).
 BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
+#: Whether gated topics may be processed now (see :meth:`BatchingApp.batch_topic`).
+BatchGate = Callable[[], Awaitable[bool]]
 
 
 def unprocessed(records: Sequence[Any], expected: int | None) -> list[Any]:
@@ -99,6 +107,44 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                                                    start_new_transaction=start_new_transaction)
             return committed
 
+    async def commit_partitions(self, partitions: set[int]) -> None:
+        """Close the open transactions of ``partitions`` now, with the offsets they carry.
+
+        For exactly-once output written outside a batch (the timer's). A partition with acked,
+        uncommitted offsets commits them in the same transaction (its batch's outputs are in
+        it too); one without commits its last committed offsets again, which Kafka accepts.
+        """
+        async with self.holding_batch_lock():
+            # Input partitions only: a changelog's committed offset is None (never consumed).
+            tps = [tp for tp in self.assignment() if tp.partition in partitions
+                   and not self.app.assignor.is_standby(tp)]
+            offsets = dict(self._filter_committable_offsets(tps))
+            for tp in tps:
+                committed = self._committed_offset.get(tp)
+                if tp not in offsets and committed is not None:
+                    offsets[tp] = committed
+            if offsets:
+                # aiokafka's transactional commit accepts its own TopicPartition only.
+                await self._commit_offsets({TopicPartition(tp.topic, tp.partition): offset
+                                            for tp, offset in offsets.items()})
+            covered = {tp.partition for tp in offsets}
+            for partition in partitions - covered:  # nothing consumed there yet this run
+                await self._commit_bare_transaction(partition)
+
+    async def _commit_bare_transaction(self, partition: int) -> None:
+        app = self.app
+        group = app.assignor.group_for_topic(next(iter(
+            app.batch_handlers)))  # type: ignore[attr-defined]
+        transactional_id = f"{app.conf.id}-{group}-{partition}"
+        producer: Any = app.producer
+        lock = producer._trn_locks.get(transactional_id)
+        transaction = producer._transaction_producers.get(transactional_id)
+        if lock is None or transaction is None:
+            return  # not ours (revoked meanwhile): nothing of ours is open there
+        async with lock:
+            await transaction.commit_transaction()
+            await transaction.begin_transaction()
+
     async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
         generation = self.app.consumer_generation_id
         fetched, active = await super()._wait_next_records(timeout)
@@ -109,7 +155,13 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             by_topic: dict[str, dict[TP, list[Any]]] = {}
             for tp in [tp for tp in records if tp.topic in handlers]:
                 by_topic.setdefault(tp.topic, {})[tp] = records.pop(tp)
-            for topic, batches in by_topic.items():
+            app: Any = self.app
+            for topic in sorted(by_topic, key=lambda t: app.batch_topics_first.get(t, 1)):
+                batches = by_topic[topic]
+                if topic in app.batch_gated and not await app.batch_gate():
+                    await self._fetch_again(batches)  # read again once the gate opens
+                    await asyncio.sleep(0.05)  # no busy loop over the same records
+                    continue
                 await self._process(handlers[topic], batches, active, generation)
         # What is left (other topics) goes through faust's per-event path as usual.
         return records, active
@@ -222,29 +274,61 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             await super().on_partitions_revoked(revoked)
 
 
+async def _always_open() -> bool:
+    return True
+
+
+class BatchingProducer(faust_aiokafka.Producer):
+    """faust's producer with a configurable transaction timeout (faust leaves aiokafka's 60 s):
+    the broker aborts a transaction open longer, and the worker's producer is then fenced."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        extra = dict(super()._settings_extra())
+        if self.app.in_transaction:
+            extra["transaction_timeout_ms"] = int(
+                self.app.transaction_timeout_seconds * 1000)  # type: ignore[attr-defined]
+        return extra
+
+
 class BatchingTransport(faust_aiokafka.Transport):
     Consumer = BatchingConsumer
+    Producer = BatchingProducer
 
 
 class BatchingApp(faust.App):
     """A faust App whose consumer can hand whole fetches of chosen topics to a handler."""
 
     def __init__(self, *args: Any, batch_max_records: int = 2000,
-                 batch_linger_seconds: float = 0.0, **kwargs: Any) -> None:
+                 batch_linger_seconds: float = 0.0, transaction_timeout_seconds: float = 60.0,
+                 **kwargs: Any) -> None:
         # A fetch returns at most broker_max_poll_records, which bounds the batch size.
         kwargs.setdefault("broker_max_poll_records", batch_max_records)
         super().__init__(*args, **kwargs)
         self.batch_handlers: dict[str, BatchHandler] = {}
+        self.batch_topics_first: dict[str, int] = {}  # 0: before the other topics of a fetch
+        self.batch_gated: set[str] = set()
+        self.batch_gate: BatchGate = _always_open
         self.batch_max_records = batch_max_records
         self.batch_linger_seconds = batch_linger_seconds
+        self.transaction_timeout_seconds = transaction_timeout_seconds
 
     def _new_transport(self) -> Any:
         return BatchingTransport(self.conf.broker_consumer, self)
 
-    def batch_topic(self, topic: faust.TopicT, handler: BatchHandler) -> None:
-        """Deliver ``topic``'s records to ``handler`` in batches instead of to agents."""
+    def batch_topic(self, topic: faust.TopicT, handler: BatchHandler, *, first: bool = False,
+                    gated: bool = False) -> None:
+        """Deliver ``topic``'s records to ``handler`` in batches instead of to agents.
+
+        ``first`` topics are handled before the others of the same fetch (a table the others
+        read). ``gated`` topics are handled only while :attr:`batch_gate` says so; until then
+        their records are read again later (used to hold events back until the preferences
+        table has caught up, so consent holds from the first event).
+        """
         for name in topic.topics:
             self.batch_handlers[name] = handler
+            self.batch_topics_first[name] = 0 if first else 1
+            if gated:
+                self.batch_gated.add(name)
         # Registering the channel subscribes the consumer and joins the topic to the
         # co-partitioned group of the tables, without an agent consuming it.
         self.topics.add(topic)

@@ -69,6 +69,12 @@ class WorkerSettings:
     log_format: str = "text"  # or json
     checkpoint: str = ""  # encoder checkpoint directory (or a symlink to one); "" = none
     model_poll_seconds: float = 5.0  # how often to look for a newer checkpoint there
+    # A batch whose processing raises is computed again this many times before it is cut in
+    # halves to dead-letter the one record that raises (reason processing_error).
+    processing_retries: int = 2
+    # exactly_once: the broker aborts a transaction open longer than this (and fences the
+    # producer). Batches commit every few seconds and timer output at once, so 60 s is slack.
+    transaction_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

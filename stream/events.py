@@ -49,7 +49,8 @@ class Reason(enum.StrEnum):
     KEY_MISMATCH = "key_mismatch"
     # Decided by the user's state, not by the record alone: an event_id already applied.
     DUPLICATE_EVENT = "duplicate_event"
-    # Valid, but deciding on it raised an unexpected error: kept here instead of crashing.
+    # Valid, but processing it raised (retried first): kept here instead of crashing, with
+    # the exception's type, so the worker never stops or loops on one record.
     PROCESSING_ERROR = "processing_error"
 
 
@@ -193,13 +194,19 @@ def _string_problem(value: object, name: str) -> Rejection | None:
 
 
 def dead_letter(rejection: Rejection, *, raw: bytes | None, key: bytes | None, topic: str,
-                partition: int, offset: int, at_ms: int) -> bytes:
-    """The `events.dlq` record for a rejected input: enough to diagnose and replay it."""
-    return orjson.dumps({
+                partition: int, offset: int, at_ms: int, exception: str | None = None) -> bytes:
+    """The `events.dlq` record for a rejected input: enough to diagnose and replay it.
+
+    ``exception`` names the exception type of a ``processing_error``.
+    """
+    body: dict[str, Any] = {
         "reason": rejection.reason.value,
         "error": rejection.error,
         "source": {"topic": topic, "partition": partition, "offset": offset},
         "key": None if key is None else base64.b64encode(key).decode(),
         "raw": None if raw is None else base64.b64encode(raw).decode(),
         "at": at_ms,
-    })
+    }
+    if exception is not None:
+        body["exception"] = exception
+    return orjson.dumps(body)

@@ -53,6 +53,11 @@ class Metrics:
             "promo_stream_records_redelivered",
             "Records skipped because their user's state already holds them (redelivered "
             "after a crash or a rebalance, at-least-once).", registry=r)
+        self.records_repartitioned = Counter(
+            "promo_stream_records_repartitioned",
+            "Valid events a producer put on another partition than murmur2(user_id) picks, "
+            "forwarded to the repartition topic (use a murmur2 partitioner to avoid the hop).",
+            registry=r)
         self.consumer_lag = Gauge(
             "promo_stream_consumer_lag_records",
             "Records in the events topic not yet processed, per assigned partition.",

@@ -2,7 +2,10 @@
 
 One call to :meth:`Pipeline.process` handles everything the consumer fetched:
 
-1. validate every record (rejects go to the dead-letter topic with their reason);
+1. validate every record (rejects go to the dead-letter topic with their reason); a valid event
+   that its producer put on another partition than ``murmur2(user_id)`` would (librdkafka's
+   default partitioner is CRC32, for one) is forwarded to the repartition topic, on the
+   partition its user's state, preferences and carts live on, and processed from there;
 2. group valid events by user, keeping each user's arrival order;
 3. load each touched user's state once and apply the user's events (duplicates of already
    applied event ids are dead-lettered as ``duplicate_event``);
@@ -12,8 +15,12 @@ One call to :meth:`Pipeline.process` handles everything the consumer fetched:
    catalogue one user at a time was the main cost of a decision), then decide for each of them
    (:mod:`stream.policy`), reserving coupon budgets;
 6. write, in this order: coupon budgets (and flush them), decisions + user vectors + dead
-   letters (and wait until the broker has them), then user states (handed to the producer,
-   so they belong to the same transaction as the batch's offsets under exactly-once).
+   letters + forwarded records (and wait until the broker has them), then user states and open
+   carts (handed to the producer, so they belong to the same transaction as the batch's offsets
+   under exactly-once).
+
+:meth:`Pipeline.check_carts` (the abandonment timer) runs steps 3-6 for carts open too long:
+the same loading, decide loop, error isolation and write order.
 
 The write order is what makes a crash safe under at-least-once delivery. Budgets are reserved
 before a coupon can leave, so no crash can lead to an overspend (at worst a reservation without
@@ -23,8 +30,17 @@ write replays the batch, which decides the same triggers again under the same de
 (consumers de-duplicate by ``decision_id``). The consumer acknowledges the offsets only after
 this method returns.
 
-The worker hands in a :class:`Store` (faust tables) and a :class:`Sink` (the producer); tests
-hand in dictionaries and lists.
+Errors are policy, not accidents (as Kafka Streams' exception handlers). Steps 1-5 only read
+the store, so when they raise, the batch is computed again (``retries`` times: a transient
+fault passes), then cut in halves, keeping each user's records together and in order, until
+the record or cart that raises is alone; it is dead-lettered as ``processing_error`` with the
+exception and its offset, and everything else is processed. One decision that raises costs
+that decision only. A failure to *write* (the broker unreachable past the producer's retries)
+is not the input's fault: it propagates, nothing is acknowledged, and the records are read
+again.
+
+The worker hands in a :class:`Store` (faust tables) and a :class:`Sink` (the producer);
+:mod:`stream.testing` has in-memory ones for specs.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import orjson
@@ -48,6 +64,7 @@ from stream.logs import user_ref
 from stream.metrics import Metrics
 from stream.policy import Coupon, CouponBudget, Decision, Preferences, Trigger
 from stream.state import UserState
+from stream.topics import expected_partition
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +84,28 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
 
 
+@dataclass(frozen=True)
+class OpenCart:
+    """An entry of the open-carts table: a cart whose abandonment reminder is still due.
+
+    It holds the cart's raw item id (user state keeps only that a cart is open): the reminder
+    names the very item, however long its id.
+    """
+
+    partition: int
+    user_id: str
+    ts_ms: int
+    item_id: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"ts": self.ts_ms, "p": self.partition, "item": self.item_id})
+
+    @classmethod
+    def from_json(cls, user_id: str, raw: bytes) -> OpenCart:
+        body = orjson.loads(raw)
+        return cls(int(body["p"]), user_id, int(body["ts"]), str(body.get("item", "")))
+
+
 class Store(Protocol):
     """Per-partition state the pipeline reads and writes (faust tables in the worker)."""
 
@@ -75,17 +114,18 @@ class Store(Protocol):
     def get_budgets(self, partition: int) -> dict[str, bytes]: ...
     def put_budgets(self, partition: int, records: Mapping[str, bytes]) -> None: ...
     def get_preferences(self, partition: int, user_id: str) -> bytes | None: ...
-    def set_open_carts(self, partition: int, carts: Mapping[str, int | None]) -> None: ...
-    def due_carts(self, before_ms: int) -> list[tuple[int, str]]: ...
+    def set_open_carts(self, partition: int, carts: Mapping[str, OpenCart | None]) -> None: ...
+    def due_carts(self, before_ms: int) -> list[OpenCart]: ...
     async def flush(self) -> None: ...
 
 
 class Sink(Protocol):
     """Sends records; ``source_partition`` names the input partition they derive from (the
-    transaction they belong to under exactly-once)."""
+    transaction they belong to under exactly-once); ``partition`` None lets the producer's
+    partitioner (murmur2 of the key) choose."""
 
-    async def send(self, topic: str, key: bytes | None, value: bytes,
-                   source_partition: int) -> Awaitable[Any]: ...
+    async def send(self, topic: str, key: bytes | None, value: bytes | None,
+                   source_partition: int, partition: int | None = None) -> Awaitable[Any]: ...
     async def flush(self) -> None: ...
 
 
@@ -98,9 +138,19 @@ class ModelSource(Protocol):
 
 @dataclass(frozen=True)
 class Topics:
+    events: str
+    repartition: str  # where misplaced events go, on the partition their user lives on
     dlq: str
     decisions: str
     vectors: str
+
+
+class Output(NamedTuple):
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    source_partition: int
+    partition: int | None = None
 
 
 @dataclass
@@ -108,9 +158,26 @@ class BatchResult:
     events: int = 0
     rejected: int = 0
     duplicates: int = 0
+    repartitioned: int = 0
     refreshed: int = 0
     decisions: list[Decision] = field(default_factory=list)
     trigger_ts_ms: list[int] = field(default_factory=list)  # event time behind each decision
+    partitions: set[int] = field(default_factory=set)  # partitions written to
+
+    def add(self, other: BatchResult) -> BatchResult:
+        self.events += other.events
+        self.rejected += other.rejected
+        self.duplicates += other.duplicates
+        self.repartitioned += other.repartitioned
+        self.refreshed += other.refreshed
+        self.decisions += other.decisions
+        self.trigger_ts_ms += other.trigger_ts_ms
+        self.partitions |= other.partitions
+        return self
+
+
+#: What one pass works on: a consumed record, or a cart the timer found due.
+Work = Record | OpenCart
 
 
 @dataclass
@@ -118,16 +185,34 @@ class _User:
     partition: int
     events: list[Event] = field(default_factory=list)
     sources: dict[int, Record] = field(default_factory=dict)  # id(event) -> its record
+    due_cart: OpenCart | None = None
     state: UserState | None = None
     before: bytes | None = None
+    cart_was_due: bool = False  # an open-carts entry exists for this user
     applied: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class _Pass:
+    """Everything one pass over a batch computed, before anything is written."""
+
+    now_ms: int
+    users: dict[str, _User] = field(default_factory=dict)
+    outputs: list[Output] = field(default_factory=list)
+    budgets: dict[int, dict[str, CouponBudget]] = field(default_factory=dict)
+    carts: dict[int, dict[str, OpenCart | None]] = field(
+        default_factory=lambda: defaultdict(dict))
+    result: BatchResult = field(default_factory=BatchResult)
+    rejected: Counter[str] = field(default_factory=Counter)
+    by_type: Counter[str] = field(default_factory=Counter)
+    triggers: Counter[str] = field(default_factory=Counter)
 
 
 class Pipeline:
     def __init__(self, *, limits: Limits, topics: Topics, store: Store, sink: Sink,
                  metrics: Metrics, model: ModelSource, policy_config: PolicyConfig,
                  coupons: Callable[[], Mapping[str, Coupon]], partitions: int,
-                 max_len: int = state.DEFAULT_MAX_LEN,
+                 max_len: int = state.DEFAULT_MAX_LEN, retries: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
         self.limits = limits
         self.topics = topics
@@ -139,69 +224,15 @@ class Pipeline:
         self.coupons = coupons
         self.partitions = partitions
         self.max_len = max_len
+        self.retries = retries
         self.clock = clock
         self.totals: Counter[str] = Counter()  # since the last summary line
 
-    # --- the batch ------------------------------------------------------------------------
+    # --- entry points -----------------------------------------------------------------------
 
     async def process(self, records: Sequence[Record]) -> BatchResult:
-        started = time.perf_counter()
-        now_ms = int(self.clock() * 1000)
-        result = BatchResult()
-        outputs: list[tuple[str, bytes | None, bytes, int]] = []
-        users: dict[str, _User] = {}
-        rejected: Counter[str] = Counter()
-        by_type: Counter[str] = Counter()
-        for record in records:
-            parsed = parse_event(record.value, record.key, now_ms=now_ms, limits=self.limits)
-            if isinstance(parsed, Rejection):
-                rejected[parsed.reason.value] += 1
-                outputs.append(self._dead_letter(parsed, record, now_ms))
-                continue
-            user = users.get(parsed.user_id)
-            if user is None:
-                user = users[parsed.user_id] = _User(record.partition)
-            user.events.append(parsed)
-            user.sources[id(parsed)] = record
-        self._load_and_apply(users, records, outputs, rejected, by_type, now_ms)
-        result.events = sum(by_type.values())
-        result.rejected = sum(rejected.values())
-        result.duplicates = rejected.get(Reason.DUPLICATE_EVENT.value, 0)
-
-        changed = {uid: u for uid, u in users.items() if u.applied}
-        result.refreshed = await self._refresh_vectors(changed, outputs, now_ms)
-        budgets = self._load_budgets(changed)
-        fired: dict[str, list[Trigger]] = {}
-        for user_id, user in changed.items():
-            assert user.state is not None
-            triggers = policy.event_triggers(user.state, user.applied, self.policy_config)
-            for trigger in triggers:
-                self.metrics.triggers.labels(kind=trigger.kind).inc()
-            if triggers:
-                fired[user_id] = triggers
-        rankings = self._rank_pushes(changed, fired, now_ms)
-        for user_id, triggers in fired.items():
-            user = changed[user_id]
-            try:
-                decision = self._decide(user_id, user, triggers[0], budgets, now_ms,
-                                        rankings.get(user_id))
-            except Exception as exc:  # a bug must cost one decision, not the worker
-                log.exception("deciding failed", extra={"user": user_ref(user_id)})
-                rejected[Reason.PROCESSING_ERROR.value] += 1
-                trigger_event = next(e for e in user.applied
-                                     if e.event_id == triggers[0].event_id)
-                outputs.append(self._dead_letter(
-                    Rejection(Reason.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}"),
-                    user.sources[id(trigger_event)], now_ms))
-                continue
-            if decision is not None:
-                result.decisions.append(decision)
-                result.trigger_ts_ms.append(triggers[0].ts_ms)
-                outputs.append((self.topics.decisions, user_id.encode(),
-                                decision.to_json(), user.partition))
-        await self._write(changed, budgets, outputs)
-        self._count(records, by_type, rejected, result, started, now_ms)
-        return result
+        """Handle one micro-batch of consumed records (see the module docstring)."""
+        return await self._run(list(records), self.retries)
 
     async def check_carts(self) -> BatchResult:
         """Decide cart-abandonment pushes for carts open longer than the configured delay.
@@ -209,107 +240,158 @@ class Pipeline:
         Runs on a timer, between micro-batches, over this worker's partitions only. Each cart
         gets at most one decision (its id derives from the cart's time); a purchase that
         arrived in time has already closed the cart; a cart in the user's quiet hours waits.
+        ``partitions`` of the result names the partitions written to: under exactly-once their
+        transactions must be committed now, since no input offset will do it.
         """
-        started = time.perf_counter()
-        now_ms = int(self.clock() * 1000)
-        cfg = self.policy_config
-        result = BatchResult()
-        due = self.store.due_carts(now_ms - int(cfg.cart_abandon_seconds * 1000))
+        delay_ms = int(self.policy_config.cart_abandon_seconds * 1000)
+        due = self.store.due_carts(int(self.clock() * 1000) - delay_ms)
         log.debug("cart check", extra={"due": len(due)})
         if not due:
-            return result
-        users: dict[str, _User] = {}
-        for partition, user_id in due:
-            users[user_id] = _User(partition)
-        for partition in {p for p, _ in due}:
-            ids = [uid for p, uid in due if p == partition]
-            stored = self.store.get_users(partition, ids)
-            for uid in ids:
-                raw = stored.get(uid)
-                users[uid].before = raw
-                users[uid].state = state.decode(raw) if raw else UserState()
-        outputs: list[tuple[str, bytes | None, bytes, int]] = []
-        ready: dict[str, _User] = {}
-        for uid, user in users.items():
-            s = user.state
-            assert s is not None
-            if not policy.cart_abandoned(s, now_ms, cfg):
-                ready[uid] = user  # closed or already reminded: the open-cart entry goes
-                continue
-            raw_prefs = self.store.get_preferences(user.partition, uid)
-            prefs = Preferences.from_json(raw_prefs) if raw_prefs else None
-            zone = prefs.timezone if prefs and prefs.timezone else cfg.default_timezone
-            if policy.in_quiet_hours(now_ms, zone, cfg):
-                continue  # try again after the quiet hours
-            ready[uid] = user
-        stale = {uid: u for uid, u in ready.items() if u.state is not None and (
-            u.state.vector is None or self.model.encoder is None
-            or u.state.model_version != self.model.encoder.model_version)}
-        result.refreshed = await self._refresh_vectors(stale, outputs, now_ms)
-        budgets = self._load_budgets(ready)
-        for uid, user in ready.items():
-            s = user.state
-            assert s is not None
-            if not policy.cart_abandoned(s, now_ms, cfg):
-                continue
-            trigger = Trigger("cart_abandoned", f"cart:{s.cart_ts_ms}", (s.cart_item or "",),
-                              s.cart_ts_ms)
-            self.metrics.triggers.labels(kind=trigger.kind).inc()
-            decision = self._decide(uid, user, trigger, budgets, now_ms)
-            if decision is not None:
-                result.decisions.append(decision)
-                result.trigger_ts_ms.append(now_ms)  # the timer, not the cart, is the trigger
-                outputs.append((self.topics.decisions, uid.encode(), decision.to_json(),
-                                user.partition))
-        await self._write(ready, budgets, outputs, force_carts=True)
-        self._count([], Counter(), Counter(), result, started, now_ms)
+            return BatchResult()
+        return await self._run(list(due), self.retries)
+
+    # --- one pass, retried, then isolated -------------------------------------------------
+
+    async def _run(self, work: list[Work], retries: int) -> BatchResult:
+        started = time.perf_counter()
+        now_ms = int(self.clock() * 1000)
+        failure: Exception | None = None
+        for attempt in range(retries + 1):
+            try:
+                done = await self._compute(work, now_ms)
+                break
+            except Exception as exc:  # input (or a bug it meets) must not stop the worker
+                failure = exc
+                log.warning("batch failed (attempt %d of %d): %s: %s", attempt + 1,
+                            retries + 1, type(exc).__name__, exc)
+        else:
+            assert failure is not None
+            return await self._isolate(work, failure, now_ms)
+        await self._write(done)
+        self._count(work, done, started)
+        return done.result
+
+    async def _isolate(self, work: list[Work], failure: Exception, now_ms: int) -> BatchResult:
+        """Find what raises by halving the batch; dead-letter it, process the rest."""
+        if len(work) == 1:
+            return await self._dead_letter_alone(work[0], failure, now_ms)
+        result = BatchResult()
+        for part in _halves(work):
+            result.add(await self._run(part, retries=0))
         return result
 
-    def _dead_letter(self, rejection: Rejection, record: Record,
-                     now_ms: int) -> tuple[str, bytes | None, bytes, int]:
-        return (self.topics.dlq, record.key, dead_letter(
-            rejection, raw=record.value, key=record.key, topic=record.topic,
-            partition=record.partition, offset=record.offset, at_ms=now_ms), record.partition)
+    async def _dead_letter_alone(self, item: Work, failure: Exception,
+                                 now_ms: int) -> BatchResult:
+        done = _Pass(now_ms)
+        error = f"{type(failure).__name__}: {failure}"[:500]
+        log.error("processing failed; dead-lettered as processing_error",
+                  exc_info=failure, extra={"source": _describe(item)})
+        done.rejected[Reason.PROCESSING_ERROR.value] += 1
+        if isinstance(item, OpenCart):
+            done.outputs.append(self._timer_dead_letter(item, error, type(failure).__name__,
+                                                        now_ms))
+            done.carts[item.partition][item.user_id] = None  # do not fail on every tick
+        else:
+            done.outputs.append(self._dead_letter(
+                Rejection(Reason.PROCESSING_ERROR, error), item, now_ms,
+                exception=type(failure).__name__))
+        await self._write(done)
+        self._count([item], done, time.perf_counter())
+        return done.result
 
-    def _load_and_apply(self, users: dict[str, _User], records: Sequence[Record],
-                        outputs: list[tuple[str, bytes | None, bytes, int]],
-                        rejected: Counter[str], by_type: Counter[str], now_ms: int) -> None:
+    # --- computing a pass (reads the store, writes nothing) -------------------------------
+
+    async def _compute(self, work: Sequence[Work], now_ms: int) -> _Pass:
+        done = _Pass(now_ms)
+        for item in work:
+            if isinstance(item, OpenCart):
+                user = done.users.setdefault(item.user_id, _User(item.partition))
+                user.due_cart = item
+            else:
+                self._route(item, done)
+        self._load_and_apply(done)
+        changed = {uid: u for uid, u in done.users.items() if u.applied}
+        encoder = self.model.encoder
+        due = {uid: u for uid, u in done.users.items() if u.due_cart is not None}
+        stale = {uid: u for uid, u in due.items() if uid not in changed and (
+            u.state is not None and (u.state.vector is None or encoder is None
+                                     or u.state.model_version != encoder.model_version))}
+        done.result.refreshed = await self._refresh_vectors(changed | stale, done)
+        fired = self._triggers(done)
+        done.budgets = self._load_budgets({uid: done.users[uid] for uid in fired})
+        rankings = self._rank_pushes(done.users, fired, now_ms)
+        self._decide_all(done, fired, rankings)
+        self._note_open_carts(done)
+        return done
+
+    def _route(self, record: Record, done: _Pass) -> None:
+        """Validate a record: reject it, forward it to its user's partition, or keep it."""
+        parsed = parse_event(record.value, record.key, now_ms=done.now_ms, limits=self.limits)
+        if isinstance(parsed, Rejection):
+            done.rejected[parsed.reason.value] += 1
+            done.outputs.append(self._dead_letter(parsed, record, done.now_ms))
+            return
+        if record.topic == self.topics.events:
+            key = parsed.user_id.encode()  # the record's key: parse_event checked they match
+            home = expected_partition(key, self.partitions)
+            if home != record.partition and record.value is not None:
+                done.result.repartitioned += 1
+                done.outputs.append(Output(self.topics.repartition, key, record.value,
+                                           record.partition, home))
+                return
+        user = done.users.get(parsed.user_id)
+        if user is None:
+            user = done.users[parsed.user_id] = _User(record.partition)
+        user.events.append(parsed)
+        user.sources[id(parsed)] = record
+
+    def _load_and_apply(self, done: _Pass) -> None:
         by_partition: dict[int, list[str]] = defaultdict(list)
-        for user_id, user in users.items():
+        for user_id, user in done.users.items():
             by_partition[user.partition].append(user_id)
-        # Where each event came from, so a duplicate is dead-lettered with its source offset.
         for partition, user_ids in by_partition.items():
             stored = self.store.get_users(partition, user_ids)
             for user_id in user_ids:
-                user = users[user_id]
+                user = done.users[user_id]
                 user.before = stored.get(user_id)
                 user.state = state.decode(user.before) if user.before else UserState()
-                # A user's records come from one partition in offset order: those at or below
-                # the stored offset are in the state already (redelivered after a crash or a
-                # rebalance under at-least-once), however many there are.
-                fresh = [e for e in user.events
-                         if user.sources[id(e)].offset > user.state.last_offset]
-                if len(fresh) < len(user.events):
-                    self.metrics.records_redelivered.inc(len(user.events) - len(fresh))
-                if fresh:
-                    user.state.last_offset = user.sources[id(fresh[-1])].offset
-                applied, duplicates = state.apply_events(user.state, fresh,
-                                                         max_len=self.max_len)
-                user.applied = applied
-                for event in applied:
-                    by_type[event.type] += 1
-                for event in duplicates:
-                    rejected[Reason.DUPLICATE_EVENT.value] += 1
-                    record = user.sources[id(event)]
-                    outputs.append(self._dead_letter(
-                        Rejection(Reason.DUPLICATE_EVENT,
-                                  f"event_id {event.event_id!r} was already applied"),
-                        record, now_ms))
+                user.cart_was_due = user.due_cart is not None or (
+                    user.state.cart_open and not user.state.cart_reminded)
+                if user.events:
+                    self._apply(user_id, user, done)
 
+    def _apply(self, user_id: str, user: _User, done: _Pass) -> None:
+        s = user.state
+        assert s is not None
+        # A user's records come from one partition of each topic, in offset order: those at
+        # or below the stored offset are in the state already (redelivered after a crash or a
+        # rebalance under at-least-once), however many there are.
+        fresh: list[Event] = []
+        for event in user.events:
+            record = user.sources[id(event)]
+            from_events = record.topic != self.topics.repartition
+            last = s.last_offset if from_events else s.last_repartition_offset
+            if record.offset <= last:
+                continue
+            fresh.append(event)
+            if from_events:
+                s.last_offset = record.offset
+            else:
+                s.last_repartition_offset = record.offset
+        if len(fresh) < len(user.events):
+            self.metrics.records_redelivered.inc(len(user.events) - len(fresh))
+        applied, duplicates = state.apply_events(s, fresh, max_len=self.max_len)
+        user.applied = applied
+        for event in applied:
+            done.by_type[event.type] += 1
+        for event in duplicates:
+            done.rejected[Reason.DUPLICATE_EVENT.value] += 1
+            done.outputs.append(self._dead_letter(
+                Rejection(Reason.DUPLICATE_EVENT,
+                          f"event_id {event.event_id!r} was already applied"),
+                user.sources[id(event)], done.now_ms))
 
-    async def _refresh_vectors(self, users: Mapping[str, _User],
-                               outputs: list[tuple[str, bytes | None, bytes, int]],
-                               now_ms: int) -> int:
+    async def _refresh_vectors(self, users: Mapping[str, _User], done: _Pass) -> int:
         encoder = self.model.encoder
         if encoder is None or not users:
             return 0
@@ -337,11 +419,38 @@ class Pipeline:
             s.vector = np.asarray(vector, dtype=np.float16)
             s.model_version = version
             s.vector_events = s.n_events
-            outputs.append((self.topics.vectors, uid.encode(), orjson.dumps({
+            done.outputs.append(Output(self.topics.vectors, uid.encode(), orjson.dumps({
                 "vector": base64.b64encode(s.vector.astype("<f2").tobytes()).decode(),
-                "model_version": version, "updated_at": now_ms, "n_events": s.n_events,
+                "model_version": version, "updated_at": done.now_ms, "n_events": s.n_events,
             }), users[uid].partition))
         return len(ids)
+
+    def _triggers(self, done: _Pass) -> dict[str, Trigger]:
+        """Each user's strongest trigger: from the events just applied, or the due cart."""
+        cfg = self.policy_config
+        fired: dict[str, Trigger] = {}
+        for user_id, user in done.users.items():
+            s = user.state
+            assert s is not None
+            cart = user.due_cart
+            if cart is not None and policy.cart_abandoned(s, done.now_ms, cfg) \
+                    and s.cart_ts_ms == cart.ts_ms:
+                prefs = self._preferences(user_id, user)
+                zone = prefs.timezone if prefs and prefs.timezone else cfg.default_timezone
+                if policy.in_quiet_hours(done.now_ms, zone, cfg):
+                    continue  # the entry stays: tried again after the quiet hours
+                fired[user_id] = Trigger("cart_abandoned", f"cart:{s.cart_ts_ms}",
+                                         (cart.item_id,) if cart.item_id else (), cart.ts_ms)
+                continue
+            triggers = policy.event_triggers(s, user.applied, cfg) if user.applied else []
+            for trigger in triggers:
+                done.triggers[trigger.kind] += 1
+            if triggers:
+                fired[user_id] = triggers[0]
+        for trigger in fired.values():
+            if trigger.kind == "cart_abandoned":
+                done.triggers[trigger.kind] += 1
+        return fired
 
     def _load_budgets(self, users: Mapping[str, _User]) -> dict[int, dict[str, CouponBudget]]:
         """This batch's partitions' budgets for every campaign, reserved against in memory."""
@@ -368,7 +477,7 @@ class Pipeline:
             return None
         return user.state.vector if user.state.model_version == encoder.model_version else None
 
-    def _rank_pushes(self, users: Mapping[str, _User], fired: Mapping[str, list[Trigger]],
+    def _rank_pushes(self, users: Mapping[str, _User], fired: Mapping[str, Trigger],
                      now_ms: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Push candidates for every user with a trigger, a vector and an open push channel,
         in a few matrix products instead of one catalogue scan per decision."""
@@ -396,19 +505,58 @@ class Pipeline:
             return {}
         return dict(zip(ids, ranked, strict=True))
 
+    def _decide_all(self, done: _Pass, fired: Mapping[str, Trigger],
+                    rankings: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """The one decide loop, for stream- and timer-triggered decisions alike: a decision
+        that raises is dead-lettered with what triggered it and costs nothing else."""
+        for user_id, trigger in fired.items():
+            user = done.users[user_id]
+            s = user.state
+            assert s is not None
+            try:
+                decision = self._decide(user_id, user, trigger, done.budgets, done.now_ms,
+                                        rankings.get(user_id))
+            except Exception as exc:  # a bug must cost one decision, not the worker
+                log.exception("deciding failed", extra={"user": user_ref(user_id),
+                                                        "trigger": trigger.kind})
+                done.rejected[Reason.PROCESSING_ERROR.value] += 1
+                error = f"deciding failed: {type(exc).__name__}: {exc}"[:500]
+                if user.due_cart is not None and trigger.kind == "cart_abandoned":
+                    s.cart_reminded = True  # decided (as failed) once, not on every tick
+                    done.outputs.append(self._timer_dead_letter(
+                        user.due_cart, error, type(exc).__name__, done.now_ms))
+                else:
+                    source = next(user.sources[id(e)] for e in user.applied
+                                  if e.event_id == trigger.event_id)
+                    done.outputs.append(self._dead_letter(
+                        Rejection(Reason.PROCESSING_ERROR, error), source, done.now_ms,
+                        exception=type(exc).__name__))
+                continue
+            if decision is None:
+                continue
+            done.result.decisions.append(decision)
+            # A timer decision's latency runs from the timer, not from the cart add.
+            done.result.trigger_ts_ms.append(
+                done.now_ms if trigger.kind == "cart_abandoned" else trigger.ts_ms)
+            done.outputs.append(Output(self.topics.decisions, user_id.encode(),
+                                       decision.to_json(), user.partition))
+
+    def _preferences(self, user_id: str, user: _User) -> Preferences | None:
+        raw = self.store.get_preferences(user.partition, user_id)
+        return Preferences.from_json(raw) if raw else None
+
     def _decide(self, user_id: str, user: _User, trigger: Trigger,
                 budgets: dict[int, dict[str, CouponBudget]], now_ms: int,
                 push_ranking: tuple[np.ndarray, np.ndarray] | None = None) -> Decision | None:
         assert user.state is not None
-        raw_prefs = self.store.get_preferences(user.partition, user_id)
-        prefs = Preferences.from_json(raw_prefs) if raw_prefs else None
         ctx = policy.Context(config=self.policy_config, coupons=self.coupons(),
                              budgets=budgets.setdefault(user.partition, {}),
                              model=self.model.encoder, now_ms=now_ms,
                              push_ranking=push_ranking)
         vector = self._current_vector(user)
         current = vector is not None
-        decision = policy.decide(user_id, user.state, vector, trigger, prefs, ctx,
+        decision = policy.decide(user_id, user.state, vector, trigger,
+                                 self._preferences(user_id, user), ctx,
                                  vector_stale=current and user.state.vector_stale)
         if decision is not None and decision.to_send:
             user.state.channels[decision.action].record_send(now_ms)
@@ -416,64 +564,99 @@ class Pipeline:
             user.state.cart_reminded = True  # decided once, even if consent said nothing
         return decision
 
-    async def _write(self, users: Mapping[str, _User],
-                     budgets: dict[int, dict[str, CouponBudget]],
-                     outputs: list[tuple[str, bytes | None, bytes, int]],
-                     force_carts: bool = False) -> None:
+    def _note_open_carts(self, done: _Pass) -> None:
+        """Open-carts entries to write: a cart opened by this pass, or one no longer due."""
+        for user_id, user in done.users.items():
+            s = user.state
+            assert s is not None
+            due_now = s.cart_open and not s.cart_reminded
+            opened = state.open_cart_item(s, user.applied) if due_now else None
+            # An entry for another cart than the state's open one cannot be decided: stale.
+            stale = user.due_cart is not None and user.due_cart.ts_ms != s.cart_ts_ms
+            if opened is not None:
+                done.carts[user.partition][user_id] = OpenCart(user.partition, user_id,
+                                                               s.cart_ts_ms, opened)
+            elif user.cart_was_due and (stale or not due_now):
+                done.carts[user.partition][user_id] = None
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def _write(self, done: _Pass) -> None:
+        budgets = done.budgets
         if any(b.exposures for mine in budgets.values() for b in mine.values()):
             for partition, mine in budgets.items():
                 self.store.put_budgets(partition, {
                     cid: orjson.dumps({"spent": b.spent, "exposures": b.exposures})
                     for cid, b in mine.items() if b.exposures})
             await self.sink.flush()  # reservations are durable before any coupon leaves
-        deliveries = [await self.sink.send(topic, key, value, partition)
-                      for topic, key, value, partition in outputs]
+        deliveries = [await self.sink.send(*output) for output in done.outputs]
         if deliveries:
             await asyncio.gather(*deliveries)  # a failed send raises: the batch is not acked
         by_partition: dict[int, dict[str, bytes]] = defaultdict(dict)
-        carts: dict[int, dict[str, int | None]] = defaultdict(dict)
-        for user_id, user in users.items():
+        for user_id, user in done.users.items():
             assert user.state is not None
             encoded = state.encode(user.state)
             if encoded != user.before:
                 by_partition[user.partition][user_id] = encoded
                 self.metrics.state_bytes.observe(len(encoded))
-            was_open = force_carts or (user.before is not None
-                                       and state.decode(user.before).cart_item is not None)
-            now_open = user.state.cart_item is not None and not user.state.cart_reminded
-            if now_open:
-                carts[user.partition][user_id] = user.state.cart_ts_ms
-            elif was_open:
-                carts[user.partition][user_id] = None
         for partition, encoded_users in by_partition.items():
             self.store.put_users(partition, encoded_users)
-        for partition, open_carts in carts.items():
-            self.store.set_open_carts(partition, open_carts)
+        for partition, open_carts in done.carts.items():
+            if open_carts:
+                self.store.set_open_carts(partition, open_carts)
         await self.store.flush()
+        done.result.partitions = ({o.source_partition for o in done.outputs}
+                                  | set(by_partition) | {p for p, c in done.carts.items() if c})
 
-    def _count(self, records: Sequence[Record], by_type: Counter[str], rejected: Counter[str],
-               result: BatchResult, started: float, now_ms: int) -> None:
-        m = self.metrics
-        for event_type, n in by_type.items():
+    def _dead_letter(self, rejection: Rejection, record: Record, now_ms: int,
+                     exception: str | None = None) -> Output:
+        return Output(self.topics.dlq, record.key, dead_letter(
+            rejection, raw=record.value, key=record.key, topic=record.topic,
+            partition=record.partition, offset=record.offset, at_ms=now_ms,
+            exception=exception), record.partition)
+
+    def _timer_dead_letter(self, cart: OpenCart, error: str, exception: str,
+                           now_ms: int) -> Output:
+        """A timer decision that raised: the source is the open-carts entry, not a record."""
+        key = cart.user_id.encode()
+        return Output(self.topics.dlq, key, dead_letter(
+            Rejection(Reason.PROCESSING_ERROR, error), raw=cart.to_json(), key=key,
+            topic=TIMER_SOURCE, partition=cart.partition, offset=-1, at_ms=now_ms,
+            exception=exception), cart.partition)
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def _count(self, work: Sequence[Work], done: _Pass, started: float) -> None:
+        m, result = self.metrics, done.result
+        records = sum(1 for item in work if not isinstance(item, OpenCart))
+        result.events = sum(done.by_type.values())
+        result.rejected = sum(done.rejected.values())
+        result.duplicates = done.rejected.get(Reason.DUPLICATE_EVENT.value, 0)
+        for event_type, n in done.by_type.items():
             m.events_consumed.labels(type=event_type).inc(n)
-        for reason, n in rejected.items():
+        for reason, n in done.rejected.items():
             m.records_rejected.labels(reason=reason).inc(n)
+        for kind, n in done.triggers.items():
+            m.triggers.labels(kind=kind).inc(n)
+        if result.repartitioned:
+            m.records_repartitioned.inc(result.repartitioned)
         published_ms = int(self.clock() * 1000)
         for decision, trigger_ts in zip(result.decisions, result.trigger_ts_ms, strict=True):
             m.decisions.labels(action=decision.action, arm=decision.arm).inc()
             m.decision_latency.observe(max(0, published_ms - trigger_ts) / 1000)
         if records:
-            m.batch_size.observe(len(records))
+            m.batch_size.observe(records)
             m.batch_duration.observe(time.perf_counter() - started)
         totals = self.totals
-        totals["records"] += len(records)
+        totals["records"] += records
         totals["events"] += result.events
         totals["rejected"] += result.rejected
         totals["decisions"] += len(result.decisions)
         totals["sent"] += sum(1 for d in result.decisions if d.to_send)
         totals["batches"] += 1 if records else 0
-        log.debug("batch", extra={"records": len(records), "events": result.events,
-                                  "rejected": result.rejected, "decisions": len(result.decisions),
+        log.debug("batch", extra={"records": records, "events": result.events,
+                                  "rejected": result.rejected,
+                                  "decisions": len(result.decisions),
                                   "refreshed": result.refreshed})
 
     def log_summary(self) -> None:
@@ -482,3 +665,33 @@ class Pipeline:
         totals, self.totals = self.totals, Counter()
         log.info("summary", extra={key: totals.get(key, 0) for key in (
             "records", "events", "rejected", "decisions", "sent", "batches")})
+
+
+#: The dead-letter ``source.topic`` of a cart-abandonment decision that raised.
+TIMER_SOURCE = "timer:cart_abandoned"
+
+
+def _work_key(item: Work) -> bytes | None:
+    return item.user_id.encode() if isinstance(item, OpenCart) else item.key
+
+
+def _describe(item: Work) -> dict[str, Any]:
+    if isinstance(item, OpenCart):
+        return {"topic": TIMER_SOURCE, "partition": item.partition,
+                "user": user_ref(item.user_id)}
+    return {"topic": item.topic, "partition": item.partition, "offset": item.offset}
+
+
+def _halves(work: list[Work]) -> list[list[Work]]:
+    """Two parts of a batch that keep each user's work together and in order; a single
+    user's work is cut in its middle (the first half is processed, and written, first)."""
+    order: dict[bytes | None, list[Work]] = {}
+    for item in work:
+        order.setdefault(_work_key(item), []).append(item)
+    if len(order) == 1:
+        middle = len(work) // 2
+        return [work[:middle], work[middle:]]
+    keys = list(order)
+    first = set(keys[: len(keys) // 2])
+    return [[item for item in work if _work_key(item) in first],
+            [item for item in work if _work_key(item) not in first]]

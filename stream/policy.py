@@ -240,7 +240,7 @@ def event_triggers(state: UserState, new_events: Sequence[Event],
 
 
 def cart_abandoned(state: UserState, now_ms: int, config: PolicyConfig) -> bool:
-    return (state.cart_item is not None and not state.cart_reminded
+    return (state.cart_open and not state.cart_reminded
             and now_ms - state.cart_ts_ms >= config.cart_abandon_seconds * 1000)
 
 
@@ -461,8 +461,9 @@ def _coupon_score(coupon: Coupon, state: UserState, vector: np.ndarray | None,
 def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, ctx: Context,
                 cold: bool, reasons: list[dict[str, Any]]) -> tuple[list[str], float]:
     cfg, model = ctx.config, ctx.model
-    # The abandoned cart's item leads for its own reason, not because the prior lifted it.
-    lead = [state.cart_item] if trigger.kind == "cart_abandoned" and state.cart_item else []
+    # The abandoned cart's item (the trigger names it) leads for its own reason, not because
+    # the prior lifted it.
+    lead = list(trigger.items[:1]) if trigger.kind == "cart_abandoned" else []
     items = list(lead)
     score = 0.0
     if model is not None:

@@ -12,23 +12,12 @@ import faust
 
 from stream.app import create_app
 from stream.config import Settings
-from stream.metrics import Metrics
 from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
 CLEAN_SHUTDOWN = "clean-shutdown"
 
-
-class _FaustWorker(faust.Worker):
-    """faust's worker, reporting readiness to our metrics and keeping our logging set-up."""
-
-    metrics: Metrics
-
-    async def on_startup_finished(self) -> None:
-        await super().on_startup_finished()
-        self.metrics.worker_ready.set(1)
-        log.info("worker ready")
 
 
 def discard_state_after_crash(tabledir: Path, marker: Path) -> bool:
@@ -49,7 +38,7 @@ def discard_state_after_crash(tabledir: Path, marker: Path) -> bool:
 
 
 def run_worker(settings: Settings) -> None:
-    asyncio.run(ensure_topics(settings.kafka))
+    asyncio.run(ensure_topics(settings.kafka, app_id=settings.worker.app_id))
     built = create_app(settings)
     built.models.load_now()  # decide with the model from the first batch, not the first poll
     marker = Path(settings.worker.data_dir) / CLEAN_SHUTDOWN
@@ -60,9 +49,10 @@ def run_worker(settings: Settings) -> None:
     built.metrics.worker_up.set(1)
     log.info("metrics served", extra={
         "url": f"http://{settings.worker.metrics_host}:{port}/metrics"})
-    worker = _FaustWorker(built.app, loglevel=settings.worker.log_level,
+    # Readiness ("worker ready", promo_worker_ready) is reported by the app once its tables
+    # have recovered (stream.app), not when faust's services have started.
+    worker = faust.Worker(built.app, loglevel=settings.worker.log_level,
                           override_logging=False, redirect_stdouts=False, quiet=True)
-    worker.metrics = built.metrics
     # mode's Worker installs SIGINT/SIGTERM handlers: the first signal stops gracefully
     # (commit offsets, flush producers, close RocksDB), then exits with status 0.
     try:

@@ -4,11 +4,15 @@ What a user's record holds (DESIGN §4):
 
 - the last ``max_len`` events, oldest first: item key (64-bit hash of the item id, so the
   record does not depend on any model's vocabulary), event type, and event time in seconds;
-- the offset of the last record applied (a user's records all come from one partition, in
-  offset order), so records redelivered after a crash or a rebalance are never applied twice;
+- the offset of the last record applied from each of the two topics a user's events can come
+  from (`events`, and the worker's repartition topic for events a producer put on another
+  partition), so records redelivered after a crash or a rebalance are never applied twice;
 - hashes of the most recent event ids, to ignore an event a producer sent twice;
 - counters (views, clicks, carts, purchases) and spend;
-- the item of the open cart, if any (cart-abandonment push names it, raw);
+- whether a cart is open (the last item added and not yet bought), its time, and whether its
+  abandonment reminder was decided. The open cart's raw item id is not kept here: item ids may
+  be up to 256 characters (1 KB of UTF-8), so it lives in the worker's ``open-carts`` table,
+  which the abandonment timer scans anyway (:func:`open_cart_item` finds it in a batch);
 - per channel: last-sent time, sends today, and the day that count belongs to;
 - the user vector (fp16) and the model version that computed it.
 
@@ -26,10 +30,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from encoder.data import EVENT_TYPES
-from encoder.inference import item_key
+from encoder.vocab import item_key
 from stream.events import Event
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DEFAULT_MAX_LEN = 50
 #: Event-id hashes kept for de-duplication of events a producer sent twice (redelivered
 #: records are caught by offset, however many). Producer retries come within seconds, i.e.
@@ -38,7 +42,11 @@ DEDUP_WINDOW = 22
 CHANNELS = ("push", "coupon")
 TYPE_ID = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 is the model's padding
 DAY_MS = 86_400_000
-MAX_CART_ID_BYTES = 64
+_U32_MAX = 2**32 - 1
+
+
+class StateFormatError(ValueError):
+    """A stored record this worker cannot read (another format version, or damaged bytes)."""
 
 
 def event_id_hash(event_id: str) -> int:
@@ -73,15 +81,16 @@ class UserState:
     carts: int = 0
     purchases: int = 0
     spend: float = 0.0
-    cart_item: str | None = None  # open cart: the last item added and not yet bought
-    cart_ts_ms: int = 0
+    cart_open: bool = False  # the last item added to the cart is not bought yet
+    cart_ts_ms: int = 0  # event time of that cart add
     cart_reminded: bool = False  # the abandonment push for this cart has been decided
     channels: dict[str, ChannelState] = field(
         default_factory=lambda: {name: ChannelState() for name in CHANNELS})
     vector: np.ndarray | None = None  # float16 (d,)
     model_version: str = ""
     vector_events: int = 0  # events seen when ``vector`` was computed
-    last_offset: int = -1  # offset in the events topic of the last record applied
+    last_offset: int = -1  # offset in `events` of the last record applied
+    last_repartition_offset: int = -1  # the same in the repartition topic
 
     @property
     def n_events(self) -> int:
@@ -144,64 +153,90 @@ def _count(state: UserState, event: Event) -> None:
     elif event.type == "add_to_cart":
         state.carts += 1
         if event.ts >= state.cart_ts_ms:
-            state.cart_item = event.item_id[:MAX_CART_ID_BYTES]
+            state.cart_open = True
             state.cart_ts_ms = event.ts
             state.cart_reminded = False
     elif event.type == "purchase":
         state.purchases += 1
         if event.price is not None:
             state.spend += event.price * quantity
-        if state.cart_item is not None and event.ts >= state.cart_ts_ms:
-            state.cart_item = None
+        if state.cart_open and event.ts >= state.cart_ts_ms:
+            state.cart_open = False
+
+
+def open_cart_item(state: UserState, applied: list[Event]) -> str | None:
+    """The raw item id of the cart that ``applied`` (a batch just applied) left open, or None
+    if the open cart, if any, was opened by an earlier batch.
+
+    The cart belongs to the last cart add not older than the cart before it: the last
+    ``add_to_cart`` of the batch stamped with the cart's time.
+    """
+    if not state.cart_open:
+        return None
+    for event in reversed(applied):
+        if event.type == "add_to_cart" and event.ts == state.cart_ts_ms:
+            return event.item_id
+    return None
 
 
 # --- encoding -----------------------------------------------------------------------------
 #
 # Little-endian, versioned. Header, then the variable parts whose lengths the header gives:
-#   B version | B n events | B n event-id hashes | B vector dims | B cart id bytes | B flags
+#   B version | B n events | B n event-id hashes | B vector dims | B flags
 #   q base time (epoch seconds of the oldest event)
 #   I views | I clicks | I carts | I purchases | d spend | q cart time (ms)
 #   per channel: q last sent (ms) | H day | B sent that day
 #   8s model version (16 hex digits as bytes) | I events when the vector was computed
-#   q offset of the last record applied
+#   q offset of the last record applied from `events` | q the same from the repartition topic
 # then: n x q item key | n x B type | n x I seconds since base | m x I event-id hash
-#       | d x e vector | cart id (UTF-8)
-# Seconds since the oldest event fit 136 years in 32 bits.
+#       | d x e vector
+# Seconds since the oldest event fit 136 years in 32 bits; counters saturate at 2^32 - 1 and
+# sends per day at 255 (caps are far lower), so no value the contract admits fails to encode.
+# Every field is fixed-size or counted: no text, so no character can be cut in half.
 
-_HEADER = struct.Struct("<BBBBBBq" + "IIIIdq" + "qHB" * len(CHANNELS) + "8sIq")
+_HEADER = struct.Struct("<BBBBBq" + "IIIIdq" + "qHB" * len(CHANNELS) + "8sIqq")
 _CART_REMINDED = 1
+_CART_OPEN = 2
 
 
 def encode(state: UserState) -> bytes:
     n = len(state.items)
     base = int(state.ts_s[0]) if n else 0
     vector = state.vector if state.vector is not None else np.zeros(0, np.float16)
-    cart = (state.cart_item or "").encode()[:MAX_CART_ID_BYTES]
     channel_fields: list[int] = []
     for name in CHANNELS:
         ch = state.channels[name]
         channel_fields += [ch.last_sent_ms, ch.day, min(ch.sent_today, 255)]
+    flags = (_CART_REMINDED if state.cart_reminded else 0) | (_CART_OPEN if state.cart_open
+                                                                else 0)
     header = _HEADER.pack(
-        FORMAT_VERSION, n, len(state.recent_event_ids), len(vector), len(cart),
-        _CART_REMINDED if state.cart_reminded else 0, base,
-        state.views, state.clicks, state.carts, state.purchases, state.spend,
-        state.cart_ts_ms, *channel_fields, _version_bytes(state.model_version),
-        state.vector_events, state.last_offset)
+        FORMAT_VERSION, n, len(state.recent_event_ids), len(vector), flags, base,
+        *(min(c, _U32_MAX) for c in (state.views, state.clicks, state.carts, state.purchases)),
+        state.spend, state.cart_ts_ms, *channel_fields, _version_bytes(state.model_version),
+        min(state.vector_events, _U32_MAX), state.last_offset, state.last_repartition_offset)
     seconds = (state.ts_s - base).astype("<u4")
     return b"".join((
         header, state.items.astype("<i8").tobytes(), state.types.astype("u1").tobytes(),
         seconds.tobytes(), np.asarray(state.recent_event_ids, "<u4").tobytes(),
-        vector.astype("<f2").tobytes(), cart))
+        vector.astype("<f2").tobytes()))
 
 
 def decode(data: bytes) -> UserState:
+    """Raises :class:`StateFormatError` for a record of another version or the wrong size."""
+    if len(data) < _HEADER.size or data[0] != FORMAT_VERSION:
+        found = data[0] if data else "empty"
+        raise StateFormatError(f"user state format {found} ({len(data)} bytes), this worker "
+                               f"reads format {FORMAT_VERSION}")
     fields = _HEADER.unpack_from(data)
-    version, n, m, d, cart_len, flags, base = fields[:7]
-    if version != FORMAT_VERSION:
-        raise ValueError(f"user state format {version}, this worker reads {FORMAT_VERSION}")
-    views, clicks, carts, purchases, spend, cart_ts = fields[7:13]
-    channel_fields = fields[13:13 + 3 * len(CHANNELS)]
-    model_version, vector_events, last_offset = fields[13 + 3 * len(CHANNELS):]
+    _, n, m, d, flags, base = fields[:6]
+    expected = _HEADER.size + n * (8 + 1 + 4) + m * 4 + d * 2
+    if len(data) != expected:
+        raise StateFormatError(f"user state record is {len(data)} bytes; its header "
+                               f"describes {expected}")
+    views, clicks, carts, purchases, spend, cart_ts = fields[6:12]
+    channel_fields = fields[12:12 + 3 * len(CHANNELS)]
+    model_version, vector_events, last_offset, last_repartition_offset = \
+        fields[12 + 3 * len(CHANNELS):]
     offset = _HEADER.size
 
     def take(dtype: str, count: int) -> np.ndarray:
@@ -215,17 +250,17 @@ def decode(data: bytes) -> UserState:
     seconds = take("<u4", n).astype(np.int64)
     hashes = take("<u4", m)
     vector = take("<f2", d).astype(np.float16) if d else None
-    cart = data[offset:offset + cart_len].decode() if cart_len else None
     channels = {name: ChannelState(*channel_fields[3 * i:3 * i + 3])
                 for i, name in enumerate(CHANNELS)}
     return UserState(
         items=items, types=types, ts_s=base + seconds,
         recent_event_ids=[int(h) for h in hashes], views=views, clicks=clicks, carts=carts,
-        purchases=purchases, spend=spend, cart_item=cart, cart_ts_ms=cart_ts,
-        cart_reminded=bool(flags & _CART_REMINDED),
+        purchases=purchases, spend=spend, cart_open=bool(flags & _CART_OPEN),
+        cart_ts_ms=cart_ts, cart_reminded=bool(flags & _CART_REMINDED),
         channels=channels, vector=vector,
         model_version=model_version.hex() if model_version.strip(b"\0") else "",
-        vector_events=vector_events, last_offset=last_offset)
+        vector_events=vector_events, last_offset=last_offset,
+        last_repartition_offset=last_repartition_offset)
 
 
 def _version_bytes(version: str) -> bytes:
@@ -239,6 +274,5 @@ def _version_bytes(version: str) -> bytes:
 
 
 def encoded_size_bound(max_len: int = DEFAULT_MAX_LEN, dims: int = 64) -> int:
-    """Bytes of a full record: every slot used, a vector, the longest cart id."""
-    return (_HEADER.size + max_len * (8 + 1 + 4) + DEDUP_WINDOW * 4 + dims * 2
-            + MAX_CART_ID_BYTES)
+    """Bytes of a full record: every slot used and a vector."""
+    return _HEADER.size + max_len * (8 + 1 + 4) + DEDUP_WINDOW * 4 + dims * 2

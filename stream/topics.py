@@ -16,12 +16,29 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from stream.config import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
+
+_HOME_CACHE: dict[tuple[bytes, int], int] = {}
+
+
+def expected_partition(key: bytes, partitions: int) -> int:
+    """The partition a user's records belong on: the Java client's default partitioner
+    (``murmur2(key) & 0x7fffffff % partitions``), which aiokafka and librdkafka's
+    ``murmur2_random`` share. Producers using another (librdkafka's default CRC32) are
+    corrected by the worker's repartition topic, at the cost of one extra hop.
+    """
+    home = _HOME_CACHE.get((key, partitions))
+    if home is None:
+        if len(_HOME_CACHE) > 500_000:  # users repeat; the pure-Python hash is the cost
+            _HOME_CACHE.clear()
+        home = _HOME_CACHE[(key, partitions)] = (murmur2(key) & 0x7FFFFFFF) % partitions
+    return home
 
 
 @dataclass(frozen=True)
@@ -31,19 +48,42 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
+#: The worker's tables (faust: RocksDB + a compacted changelog topic each, co-partitioned with
+#: `events`). Their changelogs are created before the worker joins its group (see
+#: :func:`ensure_topics`).
+TABLES = ("users", "coupon-budgets", "open-carts", "preferences")
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    return f"{app_id}-{table}-changelog"
+
+
+def repartition_topic(app_id: str, source: str) -> str:
+    """Where the worker forwards records of ``source`` ("events" or "preferences") that a
+    producer put on another partition than their key's (Kafka Streams' repartition topics)."""
+    return f"{app_id}-{source}-repartition"
+
+
+def topic_specs(kafka: KafkaSettings, app_id: str | None = None) -> list[TopicSpec]:
+    """The topics of the contract; with ``app_id``, also that worker group's internal ones."""
     p = kafka.partitions
     compacted = {"cleanup.policy": "compact"}
-    return [
-        TopicSpec(kafka.events_topic, p, {"retention.ms": str(7 * DAY_MS)}),
+    week = {"retention.ms": str(7 * DAY_MS)}
+    specs = [
+        TopicSpec(kafka.events_topic, p, week),
         # Rejected records are kept longer than events: someone has to look at them.
         TopicSpec(kafka.dlq_topic, p, {"retention.ms": str(30 * DAY_MS)}),
-        TopicSpec(kafka.decisions_topic, p, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(kafka.decisions_topic, p, week),
         TopicSpec(kafka.vectors_topic, p, compacted),
         TopicSpec(kafka.preferences_topic, p, compacted),
         # Every worker reads the whole catalog, so one partition keeps it in order.
         TopicSpec(kafka.coupons_topic, 1, compacted),
     ]
+    if app_id:
+        specs += [TopicSpec(changelog_topic(app_id, table), p, compacted) for table in TABLES]
+        specs += [TopicSpec(repartition_topic(app_id, "events"), p, week),
+                  TopicSpec(repartition_topic(app_id, "preferences"), p, week)]
+    return specs
 
 
 def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -70,16 +110,21 @@ def sasl_password(kafka: KafkaSettings) -> str:
     return kafka.sasl_password
 
 
-async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 30.0) -> list[str]:
+async def ensure_topics(kafka: KafkaSettings, *, app_id: str | None = None,
+                        timeout_s: float = 30.0) -> list[str]:
     """Create any missing topic of :func:`topic_specs`; return the names created.
 
     Existing topics are left alone, except that a partition count different from the settings
-    is an error: silently running with another count would split users' state.
+    is an error: silently running with another count would split users' state. The worker
+    passes its ``app_id``, so its changelog and repartition topics exist, with leaders, before
+    it joins the group: faust's assignor ignores a topic it cannot see yet, and a table whose
+    changelog it ignored (the preferences, say) fails on every access while the worker
+    reports ready.
     """
     admin = AIOKafkaAdminClient(**client_kwargs(kafka), request_timeout_ms=int(timeout_s * 1000))
     await admin.start()
     try:
-        specs = topic_specs(kafka)
+        specs = topic_specs(kafka, app_id)
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         created: list[str] = []

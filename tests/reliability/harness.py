@@ -132,9 +132,9 @@ def state_mismatches(settings: Settings, by_user: dict[str, list[Event]],
         want = user_state.UserState()
         user_state.apply_events(want, events)
         if (list(got.items), list(got.types), list(got.ts_s), got.views, got.clicks,
-                got.carts, got.purchases, got.cart_item) != (
+                got.carts, got.purchases, got.cart_open) != (
                 list(want.items), list(want.types), list(want.ts_s), want.views, want.clicks,
-                want.carts, want.purchases, want.cart_item):
+                want.carts, want.purchases, want.cart_open):
             wrong.append(f"{user_id}: stored {got.n_events} events, recomputed "
                          f"{want.n_events}")
     return wrong

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from encoder.inference import item_key
+from encoder.vocab import item_key
 from stream.events import Event
 from stream.state import (
     DEDUP_WINDOW,
     TYPE_ID,
+    StateFormatError,
     UserState,
     apply_events,
     decode,
     encode,
     encoded_size_bound,
+    open_cart_item,
 )
+from tests.strategies import events, ids
 
 T0 = 1_760_000_000_000
 
@@ -63,26 +67,33 @@ def test_the_sequence_and_dedup_memory_are_bounded() -> None:
 
 def test_counters_spend_and_the_open_cart() -> None:
     s = UserState()
-    apply_events(s, [ev(1, "add_to_cart", "a"), ev(2, "click")])
-    assert (s.cart_item, s.cart_ts_ms) == ("a", T0 + 1000)
+    applied, _ = apply_events(s, [ev(1, "add_to_cart", "a"), ev(2, "click")])
+    assert (s.cart_open, s.cart_ts_ms, open_cart_item(s, applied)) == (True, T0 + 1000, "a")
     apply_events(s, [ev(3, "purchase", "a", price=12.5)])
-    assert s.cart_item is None
+    assert not s.cart_open
     assert (s.carts, s.clicks, s.purchases, s.spend) == (1, 1, 1, 12.5)
 
 
 def test_a_purchase_older_than_the_cart_does_not_close_it() -> None:
     s = UserState()
     apply_events(s, [ev(5, "add_to_cart", "b")])
-    apply_events(s, [ev(2, "purchase", "x")])
-    assert s.cart_item == "b"
+    applied, _ = apply_events(s, [ev(2, "purchase", "x")])
+    assert s.cart_open
+    assert open_cart_item(s, applied) is None  # opened by the batch before
 
 
 def test_a_new_cart_add_rearms_the_abandonment_reminder() -> None:
     s = UserState()
     apply_events(s, [ev(1, "add_to_cart", "a")])
     s.cart_reminded = True
-    apply_events(s, [ev(2, "add_to_cart", "b")])
-    assert (s.cart_item, s.cart_reminded) == ("b", False)
+    applied, _ = apply_events(s, [ev(2, "add_to_cart", "b")])
+    assert (s.cart_open, s.cart_reminded, open_cart_item(s, applied)) == (True, False, "b")
+
+
+def test_the_open_cart_is_the_latest_cart_add_not_the_last_to_arrive() -> None:
+    s = UserState()
+    applied, _ = apply_events(s, [ev(5, "add_to_cart", "new"), ev(3, "add_to_cart", "late")])
+    assert open_cart_item(s, applied) == "new" and s.cart_ts_ms == T0 + 5000
 
 
 def test_encoding_round_trips_every_field() -> None:
@@ -93,11 +104,12 @@ def test_encoding_round_trips_every_field() -> None:
     s.vector_events = 3
     s.cart_reminded = True
     s.last_offset = 2**40 + 7
+    s.last_repartition_offset = 12
     s.channels["push"].record_send(T0)
     back = decode(encode(s))
-    assert back.last_offset == 2**40 + 7
+    assert (back.last_offset, back.last_repartition_offset) == (2**40 + 7, 12)
     assert encode(back) == encode(s)
-    assert back.cart_item == s.cart_item and back.cart_reminded
+    assert back.cart_open and back.cart_reminded
     assert back.model_version == "abc123def4567890"
     assert np.array_equal(back.vector, s.vector)
     assert back.channels["push"].sends_on(T0 // 86_400_000) == 1
@@ -109,9 +121,60 @@ def test_a_full_record_is_under_one_kilobyte() -> None:
     apply_events(s, [ev(n, "add_to_cart", item=f"sku-{n:012d}") for n in range(300)])
     s.vector = np.ones(64, np.float16)
     s.model_version = "abcdefabcdef0123"
-    s.cart_item = "c" * 64
     size = len(encode(s))
     assert size <= encoded_size_bound() < 1024, size
+
+
+def test_a_multibyte_cart_item_never_breaks_the_record() -> None:
+    # 41 characters, 81 UTF-8 bytes: the first version cut it at 64 bytes, mid-character,
+    # and the next decode raised UnicodeDecodeError on every restart.
+    s = UserState()
+    item = "x" + "\u00fc" * 40
+    applied, _ = apply_events(s, [ev(1, "add_to_cart", item)])
+    back = decode(encode(s))
+    assert back.cart_open and encode(back) == encode(s)
+    assert open_cart_item(s, applied) == item  # whole, for the open-carts table
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x02" + bytes(120), b"\x03" + bytes(10)])
+def test_a_record_of_another_format_or_size_is_a_clear_error(damage: bytes) -> None:
+    with pytest.raises(StateFormatError, match="user state"):
+        decode(damage)
+    full = encode(UserState())
+    with pytest.raises(StateFormatError, match="bytes"):
+        decode(full + b"\0")
+
+
+@settings(max_examples=200, deadline=None)
+@given(history=st.lists(events(user_id=st.just("u")), max_size=70),
+       vector=st.booleans(), version=st.sampled_from(["", "0123456789abcdef", "not-hex"]))
+def test_any_contract_events_round_trip_within_the_bound(history: list[Event], vector: bool,
+                                                         version: str) -> None:
+    s = UserState()
+    for start in range(0, len(history), 7):  # several batches, as the worker applies them
+        applied, _ = apply_events(s, history[start:start + 7])
+        item = open_cart_item(s, applied)
+        assert item is None or any(e.item_id == item for e in applied)
+    if vector:
+        s.vector = np.linspace(-3, 3, 64).astype(np.float16)
+        s.model_version = version
+    data = encode(s)
+    assert len(data) <= encoded_size_bound() < 1024
+    back = decode(data)
+    assert encode(back) == data
+    assert (back.views, back.clicks, back.carts, back.purchases, back.spend) == (
+        s.views, s.clicks, s.carts, s.purchases, s.spend)
+    assert (back.cart_open, back.cart_ts_ms) == (s.cart_open, s.cart_ts_ms)
+    assert list(back.items) == list(s.items) and list(back.ts_s) == list(s.ts_s)
+    assert back.recent_event_ids == s.recent_event_ids
+
+
+@settings(max_examples=50, deadline=None)
+@given(item=ids())
+def test_any_cart_item_id_is_reported_whole(item: str) -> None:
+    s = UserState()
+    applied, _ = apply_events(s, [ev(1, "add_to_cart", item)])
+    assert open_cart_item(decode(encode(s)), applied) == item
 
 
 @settings(max_examples=60, deadline=None)

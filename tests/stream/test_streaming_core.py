@@ -89,8 +89,8 @@ def test_state_vectors_and_decisions_on_real_events(settings: Settings, run_work
         assert list(got.items) == list(offline.items), user_id
         assert list(got.types) == list(offline.types), user_id
         assert list(got.ts_s) == list(offline.ts_s), user_id
-        assert (got.views, got.clicks, got.carts, got.purchases, got.cart_item) == (
-            offline.views, offline.clicks, offline.carts, offline.purchases, offline.cart_item)
+        assert (got.views, got.clicks, got.carts, got.purchases, got.cart_open) == (
+            offline.views, offline.clicks, offline.carts, offline.purchases, offline.cart_open)
         assert got.model_version == encoder.model_version
         [expected] = encoder.user_vectors([encoder.item_indices_from_keys(offline.items)],
                                           [offline.types.astype(np.int64)])

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from deploy.kafka.launcher import free_port
 from encoder.data import load_dataset
 from stream.config import Settings
-from stream.events import Reason
+from stream.events import Event, Reason
+from stream.policy import Preferences
 from stream.replay import to_events
+from stream.topics import TABLES, changelog_topic, ensure_topics, repartition_topic
 from tests.support import (
     PromoProcess,
     consume_all,
@@ -27,6 +30,7 @@ from tests.support import (
     settings_env,
     wait_until,
 )
+from tests.workers import accounted, send_events, wait_for_decisions
 
 pytestmark = pytest.mark.kafka
 
@@ -127,3 +131,75 @@ def test_mixed_stream_good_counted_bad_dead_lettered(settings: Settings, worker)
     assert proc.alive(), "the worker must survive every kind of bad input"
     assert sample(samples, "promo_worker_up") == 1
     assert sample(samples, "promo_worker_ready") == 1
+
+
+def test_consent_published_before_a_worker_starts_holds_from_its_first_event(
+        settings: Settings, run_worker, checkpoints: dict[str, Path]) -> None:
+    # A large backlog of opt-outs the worker has never read, and events of those users
+    # waiting behind it. Events, and readiness, wait until the preferences table has caught up
+    # (the first version read consent in an agent racing the events: opted-out users got
+    # coupons).
+    opted_out = [f"quiet-{n}" for n in range(20_000)]
+    no = Preferences(False, False).to_json()
+    asyncio.run(produce_raw(settings.kafka.bootstrap_servers, settings.kafka.preferences_topic,
+                            [(u.encode(), no) for u in opted_out]))
+    consenting = [f"loud-{n}" for n in range(20)]
+    early = opted_out[::67] + consenting
+    send_events(settings, [Event(f"c-{u}", u, "add_to_cart", "24852", now_ms())
+                           for u in early])
+    _, port = run_worker(checkpoints["v1"], holdout_percent="0")
+    late = opted_out[1::67]
+    send_events(settings, [Event(f"d-{u}", u, "add_to_cart", "24852", now_ms())
+                           for u in late])
+    wait_until(lambda: accounted(port) >= len(early) + len(late), timeout=60,
+               what="the cart adds")
+    decided = {d["user_id"] for d in wait_for_decisions(settings, len(consenting))}
+    assert decided == set(consenting)
+
+
+def test_the_worker_creates_its_internal_topics_before_it_joins(settings: Settings) -> None:
+    app_id = settings.worker.app_id
+    asyncio.run(ensure_topics(settings.kafka, app_id=app_id))
+
+    async def describe() -> dict[str, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+        await admin.start()
+        try:
+            names = [changelog_topic(app_id, t) for t in TABLES] + [
+                repartition_topic(app_id, s) for s in ("events", "preferences")]
+            return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)
+                    if t["error_code"] == 0}
+        finally:
+            await admin.close()
+
+    found = asyncio.run(describe())
+    assert len(found) == len(TABLES) + 2
+    assert set(found.values()) == {settings.kafka.partitions}
+
+
+def test_a_record_that_raises_is_dead_lettered_and_the_worker_goes_on(
+        settings: Settings, run_worker, checkpoints: dict[str, Path]) -> None:
+    # A damaged state record in the changelog (here: written by hand) makes every event of its
+    # user raise. Before the poison-pill policy, the exception escaped the batch handler and
+    # the worker crash-looped on that batch.
+    asyncio.run(ensure_topics(settings.kafka, app_id=settings.worker.app_id))
+    asyncio.run(produce_raw(settings.kafka.bootstrap_servers,
+                            changelog_topic(settings.worker.app_id, "users"),
+                            [(b"damaged", b"\x03" + b"\xff" * 40)]))
+    proc, port = run_worker(checkpoints["v1"], holdout_percent="0")
+    users = [f"fine-{n}" for n in range(30)]
+    events = [Event(f"p-{u}", u, "add_to_cart", "24852", now_ms()) for u in users[:15]]
+    events += [Event("p-damaged", "damaged", "add_to_cart", "24852", now_ms())]
+    events += [Event(f"p-{u}", u, "add_to_cart", "24852", now_ms()) for u in users[15:]]
+    send_events(settings, events)
+    wait_until(lambda: accounted(port) >= len(events), timeout=60, what="every record")
+    [letter] = [orjson.loads(r.value) for r in asyncio.run(consume_all(
+        settings.kafka.bootstrap_servers, settings.kafka.dlq_topic, expect=1))]
+    assert letter["reason"] == "processing_error"
+    assert letter["exception"] == "StateFormatError"
+    assert orjson.loads(base64.b64decode(letter["raw"]))["event_id"] == "p-damaged"
+    assert isinstance(letter["source"]["offset"], int) and letter["source"]["offset"] >= 0
+    assert {d["user_id"] for d in wait_for_decisions(settings, len(users))} == set(users)
+    assert proc.alive()
+    assert sample(scrape(port), "promo_stream_records_rejected_total",
+                  reason="processing_error") == 1
