@@ -34,7 +34,7 @@ from faust.types import TP
 
 from stream.batching import BatchingApp, BatchingConsumer
 from stream.catalog import CouponCatalog
-from stream.config import KafkaSettings, Settings
+from stream.config import KafkaSettings, Settings, WorkerSettings
 from stream.events import Limits, Reason, Rejection, dead_letter
 from stream.metrics import Metrics
 from stream.models import ModelWatcher
@@ -94,13 +94,17 @@ class TableStore:
     processed; the batch handler has none, so each access runs in a partition context.
     """
 
-    def __init__(self, app: BatchingApp, events_topic: str, partitions: int) -> None:
+    def __init__(self, app: BatchingApp, events_topic: str, partitions: int,
+                 worker: WorkerSettings) -> None:
         self.app = app
         self.events_topic = events_topic
+        rocksdb = {"write_buffer_size": worker.rocksdb_write_buffer_mb * 2**20,
+                   "max_write_buffer_number": 2,
+                   "block_cache_size": worker.rocksdb_block_cache_mb * 2**20}
 
         def table(name: str, description: str) -> Any:
             return app.Table(name, help=description, key_type=bytes, value_type=bytes,
-                             partitions=partitions, default=None)
+                             partitions=partitions, default=None, options=dict(rocksdb))
 
         # The names are stream.topics.TABLES: ensure_topics creates their changelogs.
         self.users = table("users", "Encoded user state, by user id.")
@@ -284,7 +288,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     preferences_topic = app.topic(kafka.preferences_topic, preferences_repartition,
                                   key_type=bytes, value_type=bytes, key_serializer="raw",
                                   value_serializer="raw", partitions=kafka.partitions)
-    store = TableStore(app, kafka.events_topic, kafka.partitions)
+    store = TableStore(app, kafka.events_topic, kafka.partitions, worker)
     sink = ProducerSink(app, kafka.events_topic)
     catalog = CouponCatalog(kafka)
     models = ModelWatcher(worker.checkpoint or None, metrics)
@@ -304,7 +308,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
         for tp, part in batches.items():
             lag = consumer.highwater(tp) - (part[-1].offset + 1)
             metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, lag))
-
 
     async def process_preferences(batches: Mapping[TP, Sequence[Any]]) -> None:
         for records in batches.values():
@@ -374,8 +377,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
 
     @app.timer(settings.policy.cart_check_seconds, name="abandoned-carts")
     async def abandoned_carts() -> None:
-        if not app.consumer.assignment():
-            return
+        if not app.consumer.assignment() or not catch_up.ready:
+            return  # consent must be enforceable before a reminder is decided
         consumer = cast(BatchingConsumer, app.consumer)
         async with consumer.holding_batch_lock():  # never interleave with a batch's writes
             result = await pipeline.check_carts()

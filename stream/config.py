@@ -72,6 +72,11 @@ class WorkerSettings:
     # A batch whose processing raises is computed again this many times before it is cut in
     # halves to dead-letter the one record that raises (reason processing_error).
     processing_retries: int = 2
+    # RocksDB memory per table per partition: a worker opens tables x partitions databases,
+    # and faust's defaults (3 write buffers of 64 MB, a 2 GB block cache each) are sized for
+    # one big database, not 16 small ones on a small host.
+    rocksdb_write_buffer_mb: int = 8
+    rocksdb_block_cache_mb: int = 16
     # exactly_once: the broker aborts a transaction open longer than this (and fences the
     # producer). Batches commit every few seconds and timer output at once, so 60 s is slack.
     transaction_timeout_seconds: float = 60.0
