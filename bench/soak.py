@@ -132,15 +132,16 @@ def produce(settings: Settings, events: list[Event], rate: float) -> None:
 
 
 def expectations(bursts: list[list[Event]], abandon_s: float
-                 ) -> tuple[dict[tuple[str, int], set[str]], dict[tuple[str, int], float]]:
+                 ) -> tuple[dict[tuple[str, int], set[str]], dict[tuple[str, str], float]]:
     """What must have been decided, from the events alone.
 
     (user, burst) -> the ids of the user's cart adds in that burst (each group must lead to at
-    least one decision triggered by one of them), and (user, cart time) -> deadline of every
-    cart still open at the end of a burst (each gets exactly one reminder in the silence).
+    least one decision triggered by one of them), and (user, id of the cart add that opened
+    it) -> deadline of every cart still open at the end of a burst (each gets exactly one
+    reminder in the silence).
     """
     cart_adds: dict[tuple[str, int], set[str]] = defaultdict(set)
-    reminders: dict[tuple[str, int], float] = {}
+    reminders: dict[tuple[str, str], float] = {}
     states: dict[str, user_state.UserState] = defaultdict(user_state.UserState)
     for number, events in enumerate(bursts):
         by_user: dict[str, list[Event]] = defaultdict(list)
@@ -150,9 +151,10 @@ def expectations(bursts: list[list[Event]], abandon_s: float
                 cart_adds[(event.user_id, number)].add(event.event_id)
         for user, mine in by_user.items():
             s = states[user]
-            user_state.apply_events(s, mine)
-            if s.cart_open and not s.cart_reminded:
-                reminders[(user, s.cart_ts_ms)] = s.cart_ts_ms / 1000 + abandon_s
+            applied, _ = user_state.apply_events(s, mine)
+            opened = user_state.open_cart_event(s, applied)
+            if s.cart_open and not s.cart_reminded and opened is not None:
+                reminders[(user, opened.event_id)] = s.cart_ts_ms / 1000 + abandon_s
                 s.cart_reminded = True
     return cart_adds, reminders
 
@@ -242,11 +244,11 @@ def main() -> None:
 
     cart_adds, reminders = expectations(bursts, args.cart_abandon)
     decided_by: dict[str, set[str]] = defaultdict(set)
-    reminded: dict[tuple[str, int], str] = {}
+    reminded: dict[tuple[str, str], str] = {}
     for d in reader.decisions:
         decided_by[d["user_id"]].add(d["trigger_event_id"])
         if d["trigger_event_id"].startswith("cart:"):
-            reminded[(d["user_id"], int(d["trigger_event_id"][5:]))] = d["decision_id"]
+            reminded[(d["user_id"], d["trigger_event_id"][len("cart:"):])] = d["decision_id"]
     lost_triggers = sum(1 for (user, _), ids in cart_adds.items()
                         if not ids & decided_by[user])
     lost_reminders = [key for key in reminders if key not in reminded]

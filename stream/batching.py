@@ -70,9 +70,26 @@ def unprocessed(records: Sequence[Any], expected: int | None) -> list[Any]:
     return [by_offset[offset] for offset in sorted(by_offset)]
 
 
+class CommittedReadsThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's consumer thread, reading only committed records whatever the guarantee.
+
+    faust reads uncommitted records unless it runs exactly-once itself; a shop's producer may
+    write transactionally (a CRM importing consent, say), and a record it aborted must never
+    count, nor one it has not committed yet.
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._isolation_level = "read_committed"  # read when the fetcher starts
+        return consumer
+
+
 class BatchingConsumer(faust_aiokafka.Consumer):
     _batch_lock: asyncio.Lock | None = None
     _batch_lock_owner: asyncio.Task[Any] | None = None
+
+    def _new_consumer_thread(self) -> Any:
+        return CommittedReadsThread(self, loop=self.loop, beacon=self.beacon)
 
     @property
     def batch_lock(self) -> asyncio.Lock:

@@ -183,10 +183,16 @@ def worker(context: Context, bootstrap_servers: str | None, metrics_port: int | 
 
     Runs until SIGINT/SIGTERM, then commits and stops cleanly.
     """
+    from stream.exporter import ExporterError
     from stream.runner import run_worker
+    from stream.topics import TopicConfigError
 
-    run_worker(_with_overrides(context.settings, kafka={"bootstrap_servers": bootstrap_servers},
-                               worker={"metrics_port": metrics_port, "data_dir": data_dir}))
+    try:
+        run_worker(_with_overrides(
+            context.settings, kafka={"bootstrap_servers": bootstrap_servers},
+            worker={"metrics_port": metrics_port, "data_dir": data_dir}))
+    except (ExporterError, TopicConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _with_overrides(settings: Settings, **sections: dict[str, object]) -> Settings:

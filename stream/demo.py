@@ -160,7 +160,8 @@ def run_demo(settings: Settings, *, dataset: str, rows: list[Interaction], limit
                        + sum(m.get("promo_stream_records_rejected_total", {}).values()))
 
         _wait(lambda: accounted() >= expected, 600, f"{expected} records to be processed")
-        time.sleep(settings.policy.cart_abandon_seconds + 2)  # let open carts get reminders
+        # Let open carts get their reminders, and the budget gauges (every 5 s) catch up.
+        time.sleep(max(settings.policy.cart_abandon_seconds + 2, 6))
         say("6/6 what happened")
         _summary(settings, _scrape(url), result.produced, result.seconds, coupons, url)
         if keep_running:
@@ -203,9 +204,12 @@ def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced:
     for d in decisions:
         if d["action"] == "coupon" and d["arm"] == "treatment":
             spent[d["coupon"]["coupon_id"]] += d["coupon"]["discount"]
+    remaining = metrics.get("promo_coupon_budget_remaining_ratio", {})
     for coupon in coupons:
+        gauge = remaining.get(coupon.coupon_id)
         echo(f"  coupon {coupon.coupon_id:<17} issued {spent[coupon.coupon_id]:>6.2f} "
-             f"of budget {coupon.budget:.2f}")
+             f"of budget {coupon.budget:.2f}; the worker's budget gauge: "
+             + ("-" if gauge is None else f"{gauge:.1%} left"))
     echo("  example decisions:")
     shown: set[tuple[str, str]] = set()
     for d in decisions:

@@ -2,11 +2,14 @@
 
 Names follow Prometheus conventions: ``promo_`` prefix, base units (seconds, bytes), ``_total``
 on counters (prometheus_client appends it). Labels take only bounded values: event types,
-rejection reasons, actions, arms, reason codes, partitions. Never a user, item or coupon id:
-the coupon budget is one total, not a series per campaign, because campaigns are unbounded.
+rejection reasons, actions, arms, reason codes, partitions, and campaigns (the catalog's
+coupon ids: a marketer's list, capped at ``MAX_CAMPAIGN_SERIES`` series). Never a user or item
+id.
 
 Metrics live on a :class:`Metrics` object with its own registry, so tests and several workers in
-one process do not share counters by accident; the worker serves its registry over HTTP.
+one process do not share counters by accident. The worker does not serve them itself: its
+exporter process does (:mod:`stream.exporter`), adding the two gauges it measures from outside
+the worker (:data:`EXPORTER_GAUGES`), so they stay true while the worker is stuck.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from prometheus_client import (
     Histogram,
     Info,
     disable_created_metrics,
-    start_http_server,
 )
 
 from encoder.data import EVENT_TYPES
@@ -36,6 +38,20 @@ BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 # Event time to decision published: the product promises seconds.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 STATE_BYTES_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)
+# A shop runs a handful of campaigns at a time; past this many, only the ones with the least
+# budget left get a series (what the budget alert and panel look at).
+MAX_CAMPAIGN_SERIES = 100
+
+#: Gauges the exporter process measures (name -> help, labels): see stream/exporter.py.
+EXPORTER_GAUGES: dict[str, tuple[str, list[str]]] = {
+    "promo_stream_consumer_lag_records": (
+        "Records of `events` (and its repartition topic) past the group's committed offset, "
+        "per partition this worker owns; measured outside the worker from the end offsets "
+        "every 2 s, so it keeps growing while the worker is stuck.", ["partition"]),
+    "promo_worker_heartbeat_age_seconds": (
+        "Seconds since the worker's event loop last wrote its metrics (about 1 when healthy; "
+        "growing: the worker is stuck).", []),
+}
 
 
 class Metrics:
@@ -58,10 +74,6 @@ class Metrics:
             "Valid events a producer put on another partition than murmur2(user_id) picks, "
             "forwarded to the repartition topic (use a murmur2 partitioner to avoid the hop).",
             registry=r)
-        self.consumer_lag = Gauge(
-            "promo_stream_consumer_lag_records",
-            "Records in the events topic not yet processed, per assigned partition.",
-            ["partition"], registry=r)
         # Micro-batches
         self.batch_size = Histogram(
             "promo_stream_batch_size_records", "Records per micro-batch.",
@@ -80,8 +92,9 @@ class Metrics:
             "promo_encoder_vector_refreshes", "User vectors recomputed.", registry=r)
         self.encoder_failures = Counter(
             "promo_encoder_failures",
-            "Encoder loads or calls that failed; decisions fell back to popularity.",
-            ["stage"], registry=r)
+            "Checkpoint loads (stage=load: the previous model, if any, keeps serving) or "
+            "batched encoder calls (stage=inference: that batch decides without fresh "
+            "vectors) that failed.", ["stage"], registry=r)
         self.model_loaded = Gauge(
             "promo_encoder_model_loaded", "1 if a model checkpoint is loaded and serving.",
             registry=r)
@@ -100,18 +113,22 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.coupon_budget_remaining = Gauge(
             "promo_coupon_budget_remaining_ratio",
-            "Unreserved share of the budget of all valid campaigns, over this worker's "
-            "partitions (0 = spent).", registry=r)
+            "Share of a valid campaign's budget this worker's partitions have not reserved "
+            "(1 = untouched, 0 = spent), from the pacing state, refreshed every 5 s.",
+            ["campaign"], registry=r)
         # State
         self.users_in_state = Gauge(
-            "promo_state_users", "Users with state in this worker's partitions.", registry=r)
+            "promo_state_users",
+            "Users with state in this worker's active partitions (counted from the table "
+            "when partitions are assigned, then one up per new user).", registry=r)
         self.state_bytes = Histogram(
             "promo_state_record_bytes", "Encoded size of user state records written.",
             buckets=STATE_BYTES_BUCKETS, registry=r)
-        # Worker
-        self.worker_up = Gauge("promo_worker_up", "1 while the worker process runs.", registry=r)
+        # Worker (whether it runs at all is Prometheus's own `up` of the exporter)
         self.worker_ready = Gauge(
-            "promo_worker_ready", "1 once the worker has joined its group and recovered state.",
+            "promo_worker_ready",
+            "1 once the worker owns its partitions, its tables have recovered and the "
+            "preferences table has caught up (consent enforceable); 0 during a rebalance.",
             registry=r)
         # Labels are not initialised when declared; pre-create them so dashboards and alerts
         # see zeros instead of missing series.
@@ -126,8 +143,3 @@ class Metrics:
             self.triggers.labels(kind=kind)
         for stage in ("load", "inference"):
             self.encoder_failures.labels(stage=stage)
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on host:port (port 0 picks a free one); return the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)

@@ -5,10 +5,11 @@ replacing what that path names, atomically: train into a new directory, then re-
 symlink (``ln -sfn models/v2 models/current``) or rename the directory into place. The watcher
 polls the path's manifest every ``worker.model_poll_seconds``; when the content hash
 (``model_version``) changes it loads the new checkpoint off the event loop and swaps it in
-between two micro-batches, with no restart. A checkpoint that is missing or fails to load
-leaves the previous model serving (or none: decisions then fall back to popularity-free
-defaults with the ``model_unavailable`` reason), counts ``promo_encoder_failures_total``, and
-is retried on the next poll.
+between two micro-batches, with no restart. A checkpoint that fails to load leaves the
+previous model serving (or none: decisions then carry ``model_unavailable`` and have no push
+candidates, since popularity lives in the checkpoint too), counts
+``promo_encoder_failures_total{stage="load"}``, and is tried again once the path names another
+version; a missing path is looked at on every poll.
 """
 
 from __future__ import annotations

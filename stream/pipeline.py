@@ -96,14 +96,17 @@ class OpenCart:
     user_id: str
     ts_ms: int
     item_id: str
+    event_id: str  # of the cart add that opened it: the reminder's trigger, so its decision id
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"ts": self.ts_ms, "p": self.partition, "item": self.item_id})
+        return orjson.dumps({"ts": self.ts_ms, "p": self.partition, "item": self.item_id,
+                             "event": self.event_id})
 
     @classmethod
     def from_json(cls, user_id: str, raw: bytes) -> OpenCart:
         body = orjson.loads(raw)
-        return cls(int(body["p"]), user_id, int(body["ts"]), str(body.get("item", "")))
+        return cls(int(body["p"]), user_id, int(body["ts"]), str(body["item"]),
+                   str(body["event"]))
 
 
 class Store(Protocol):
@@ -439,7 +442,9 @@ class Pipeline:
                 zone = prefs.timezone if prefs and prefs.timezone else cfg.default_timezone
                 if policy.in_quiet_hours(done.now_ms, zone, cfg):
                     continue  # the entry stays: tried again after the quiet hours
-                fired[user_id] = Trigger("cart_abandoned", f"cart:{s.cart_ts_ms}",
+                # Named by the cart add that opened the cart: two carts opened at the same
+                # millisecond (a re-add after a reminder) are two reminders, two ids.
+                fired[user_id] = Trigger("cart_abandoned", f"cart:{cart.event_id}",
                                          (cart.item_id,) if cart.item_id else (), cart.ts_ms)
                 continue
             triggers = policy.event_triggers(s, user.applied, cfg) if user.applied else []
@@ -570,12 +575,12 @@ class Pipeline:
             s = user.state
             assert s is not None
             due_now = s.cart_open and not s.cart_reminded
-            opened = state.open_cart_item(s, user.applied) if due_now else None
+            opened = state.open_cart_event(s, user.applied) if due_now else None
             # An entry for another cart than the state's open one cannot be decided: stale.
             stale = user.due_cart is not None and user.due_cart.ts_ms != s.cart_ts_ms
             if opened is not None:
-                done.carts[user.partition][user_id] = OpenCart(user.partition, user_id,
-                                                               s.cart_ts_ms, opened)
+                done.carts[user.partition][user_id] = OpenCart(
+                    user.partition, user_id, s.cart_ts_ms, opened.item_id, opened.event_id)
             elif user.cart_was_due and (stale or not due_now):
                 done.carts[user.partition][user_id] = None
 
@@ -599,6 +604,8 @@ class Pipeline:
             if encoded != user.before:
                 by_partition[user.partition][user_id] = encoded
                 self.metrics.state_bytes.observe(len(encoded))
+                if user.before is None:
+                    self.metrics.users_in_state.inc()
         for partition, encoded_users in by_partition.items():
             self.store.put_users(partition, encoded_users)
         for partition, open_carts in done.carts.items():

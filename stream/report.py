@@ -1,7 +1,8 @@
 """`promo report`: watch a worker's /metrics for a while and draw what happened, as a PNG.
 
 For people who would rather look than read: throughput by event type, decisions by action,
-event-time -> decision latency percentiles, and consumer lag, over the run. Samples are kept
+event-time -> decision latency percentiles, consumer lag, each campaign's remaining budget and
+the worker's heartbeat age, over the run. Samples are kept
 as JSON too, so a run can be re-drawn (``--from-json``) or compared later.
 """
 
@@ -32,12 +33,21 @@ def scrape_once(url: str) -> Sample:
 
 def record(url: str, duration: float, interval: float,
            on_sample: Callable[[int], None] | None = None) -> list[tuple[float, Sample]]:
-    """Scrape ``url`` every ``interval`` seconds for ``duration`` seconds."""
+    """Scrape ``url`` every ``interval`` seconds for ``duration`` seconds.
+
+    If the worker goes away mid-run (exactly when someone wants the chart), the samples taken
+    so far are returned; an ``OSError`` is raised only if not even the first scrape worked.
+    """
     samples: list[tuple[float, Sample]] = []
     start = time.monotonic()
     while True:
         now = time.monotonic()
-        samples.append((now - start, scrape_once(url)))
+        try:
+            samples.append((now - start, scrape_once(url)))
+        except OSError:
+            if not samples:
+                raise
+            return samples
         if on_sample:
             on_sample(len(samples))
         if now - start >= duration:
@@ -96,7 +106,7 @@ def render(samples: Sequence[tuple[float, Sample]], out: Path, title: str = "") 
 
     times = [t for t, _ in samples]
     mid = times[1:]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 10), sharex=True)
     panels: list[tuple[str, str, str]] = [
         ("promo_stream_events_consumed_total", "events consumed / s", "type="),
         ("promo_decisions_published_total", "decisions published / s", ""),
@@ -114,11 +124,16 @@ def render(samples: Sequence[tuple[float, Sample]], out: Path, title: str = "") 
     ax.set_ylabel("event time -> decision (s)")
     ax.legend(fontsize=8, loc="upper left")
     ax = axes[1][1]
-    for labels, values in _series(samples, "promo_stream_consumer_lag_records").items():
-        ax.plot(times, values, label=labels)
-    ax.set_ylabel("consumer lag (records)")
-    ax.legend(fontsize=8, loc="upper left")
-    for ax in axes[1]:
+    gauges = [("promo_stream_consumer_lag_records", axes[1][1], "consumer lag (records)"),
+              ("promo_coupon_budget_remaining_ratio", axes[2][0],
+               "coupon budget left (share)"),
+              ("promo_worker_heartbeat_age_seconds", axes[2][1], "worker heartbeat age (s)")]
+    for metric, ax, label in gauges:
+        for labels, values in _series(samples, metric).items():
+            ax.plot(times, values, label=labels.replace("campaign=", "") or "worker")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in axes[2]:
         ax.set_xlabel("seconds since the report started")
     fig.suptitle(title or "promo-stream worker")
     fig.tight_layout()

@@ -252,12 +252,12 @@ def collect_moments(before: Sequence[Interaction], after: Sequence[Interaction],
     history: dict[str, list[Event]] = defaultdict(list)
     for row, it in enumerate(before):
         history[it.user_id].append(_event(row, it))
-    cart_items: dict[str, str] = {}  # the worker keeps these in its open-carts table
+    carts: dict[str, Event] = {}  # the worker keeps these in its open-carts table
     for user_id, events in history.items():
         applied, _ = user_state.apply_events(states[user_id], events, max_len=max_len)
-        opened = user_state.open_cart_item(states[user_id], applied)
+        opened = user_state.open_cart_event(states[user_id], applied)
         if opened is not None:
-            cart_items[user_id] = opened
+            carts[user_id] = opened
     every_event = not any(r.event_type == "add_to_cart" for r in (*before, *after))
     future: dict[str, list[Interaction]] = defaultdict(list)
     moments: list[Moment] = []
@@ -271,18 +271,18 @@ def collect_moments(before: Sequence[Interaction], after: Sequence[Interaction],
         position = len(future[it.user_id])
         if cart_abandoned(st, it.ts_ms, cfg):
             at = st.cart_ts_ms + int(cfg.cart_abandon_seconds * 1000)
-            item = cart_items.get(it.user_id)
-            add(it.user_id, st, Trigger("cart_abandoned", f"cart-{it.user_id}-{st.cart_ts_ms}",
-                                        (item,) if item else (), at), at, position)
+            cart = carts.get(it.user_id)
+            add(it.user_id, st, Trigger("cart_abandoned", f"cart:{cart.event_id if cart else ''}",
+                                        (cart.item_id,) if cart else (), at), at, position)
             st.cart_reminded = True
         future[it.user_id].append(it)
         event = _event(row, it)
         applied, _ = user_state.apply_events(st, [event], max_len=max_len)
         if not applied:
             continue
-        opened = user_state.open_cart_item(st, applied)
+        opened = user_state.open_cart_event(st, applied)
         if opened is not None:
-            cart_items[it.user_id] = opened
+            carts[it.user_id] = opened
         triggers = ([Trigger("visit", event.event_id, (event.item_id,), event.ts)]
                     if every_event else event_triggers(st, applied, cfg))
         for trigger in triggers[:1]:  # the worker decides a user's strongest trigger only

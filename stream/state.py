@@ -12,7 +12,7 @@ What a user's record holds (DESIGN §4):
 - whether a cart is open (the last item added and not yet bought), its time, and whether its
   abandonment reminder was decided. The open cart's raw item id is not kept here: item ids may
   be up to 256 characters (1 KB of UTF-8), so it lives in the worker's ``open-carts`` table,
-  which the abandonment timer scans anyway (:func:`open_cart_item` finds it in a batch);
+  which the abandonment timer scans anyway (:func:`open_cart_event` finds it in a batch);
 - per channel: last-sent time, sends today, and the day that count belongs to;
 - the user vector (fp16) and the model version that computed it.
 
@@ -164,9 +164,10 @@ def _count(state: UserState, event: Event) -> None:
             state.cart_open = False
 
 
-def open_cart_item(state: UserState, applied: list[Event]) -> str | None:
-    """The raw item id of the cart that ``applied`` (a batch just applied) left open, or None
-    if the open cart, if any, was opened by an earlier batch.
+def open_cart_event(state: UserState, applied: list[Event]) -> Event | None:
+    """The cart add that opened the cart ``applied`` (a batch just applied) left open, or None
+    if the open cart, if any, was opened by an earlier batch. Its event id names the cart (two
+    cart adds can share a timestamp) and its item id is what a reminder shows.
 
     The cart belongs to the last cart add not older than the cart before it: the last
     ``add_to_cart`` of the batch stamped with the cart's time.
@@ -175,7 +176,7 @@ def open_cart_item(state: UserState, applied: list[Event]) -> str | None:
         return None
     for event in reversed(applied):
         if event.type == "add_to_cart" and event.ts == state.cart_ts_ms:
-            return event.item_id
+            return event
     return None
 
 

@@ -27,6 +27,15 @@ DAY_MS = 24 * 3600 * 1000
 _HOME_CACHE: dict[tuple[bytes, int], int] = {}
 
 
+class TopicConfigError(RuntimeError):
+    """The cluster's topics contradict the settings (partition counts, a refused creation):
+    waiting will not help, someone has to change one or the other."""
+
+
+class BrokerNotReady(RuntimeError):
+    """The broker answers but the topics have no leaders yet: try again shortly."""
+
+
 def expected_partition(key: bytes, partitions: int) -> int:
     """The partition a user's records belong on: the Java client's default partitioner
     (``murmur2(key) & 0x7fffffff % partitions``), which aiokafka and librdkafka's
@@ -139,7 +148,7 @@ async def ensure_topics(kafka: KafkaSettings, *, app_id: str | None = None,
                 (name, code, msg) for name, code, msg, *_ in response.topic_errors
                 if code not in (0, TopicAlreadyExistsError.errno)]
             if errors:
-                raise RuntimeError(f"creating topics failed: {errors}")
+                raise TopicConfigError(f"creating topics failed: {errors}")
             created = [s.name for s in missing]
             log.info("created topics", extra={"topics": created})
         await _check_partitions(admin, [s for s in specs if s.name in existing])
@@ -159,7 +168,8 @@ async def _check_partitions(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) 
     if wrong:
         detail = ", ".join(f"{name} has {have} (settings say {want})"
                            for name, (have, want) in wrong.items())
-        raise RuntimeError(f"topic partition counts differ from settings: {detail}")
+        raise TopicConfigError(f"topic partition counts differ from settings: {detail} "
+                               f"(set kafka.partitions to match, or use new topics)")
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
@@ -171,5 +181,5 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeou
                and all(p["leader"] >= 0 for p in t["partitions"]) for t in described):
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise RuntimeError(f"topics {names} have no leaders after {timeout_s}s")
+            raise BrokerNotReady(f"topics {names} have no leaders after {timeout_s}s")
         await asyncio.sleep(0.2)

@@ -3,7 +3,6 @@ valid for promtool, and with bounded label values."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -13,79 +12,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.kafka.launcher import free_port
 from encoder.data import load_dataset
 from stream.config import Settings
 from stream.metrics import Metrics
 from stream.replay import to_events
+from tests.prometheus import Prometheus
 from tests.support import wait_until
 from tests.workers import accounted, read_decisions, send_events
 
 pytestmark = pytest.mark.kafka
 
-PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 # Every label the worker may export, and the most distinct values any may take.
 ALLOWED_LABELS = {"type", "reason", "action", "arm", "kind", "stage", "partition", "le",
-                  "version", "path"}
+                  "version", "path", "campaign"}
 MAX_VALUES_PER_LABEL = 32
-
-
-class Prometheus:
-    """The real prometheus on a free port, with the project's scrape config and rules, its
-    target pointed at a test worker."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("prometheus")
-        assert binary, "prometheus missing: scripts/bootstrap.sh installs Debian's package"
-        self.binary, self.workdir = binary, workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, worker_port: int) -> None:
-        shutil.copytree(PROMETHEUS_DIR / "rules", self.workdir / "rules")
-        conf = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-        conf["global"]["scrape_interval"] = "1s"  # the project's config says 5s; tests wait
-        conf["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{worker_port}"]
-        config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(conf))
-        with open(self.workdir / "prometheus.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                [self.binary, f"--config.file={config}",
-                 f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=subprocess.DEVNULL, stderr=log)
-        wait_until(lambda: _ready(self.port), timeout=30, what="prometheus to be ready")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
 
 
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
-    server = Prometheus(tmp_path)
+    server = Prometheus(tmp_path / "prometheus")
     yield server
     server.stop()
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def query(port: int, expr: str) -> float | None:
-    url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(expr)}"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        body = json.load(r)
-    result = body["data"]["result"]
-    return float(result[0]["value"][1]) if result else None
 
 
 def test_prometheus_scrapes_the_replayed_volume(settings: Settings, run_worker,
@@ -93,7 +42,6 @@ def test_prometheus_scrapes_the_replayed_volume(settings: Settings, run_worker,
                                                 checkpoints: dict[str, Path]) -> None:
     _, port = run_worker(checkpoints["v1"])
     prometheus.start(port)
-    prom_port = prometheus.port
     events = list(to_events(load_dataset("instacart")[:3000], id_prefix="scrape",
                             clock=lambda: int(time.time() * 1000)))
     send_events(settings, events)
@@ -102,7 +50,7 @@ def test_prometheus_scrapes_the_replayed_volume(settings: Settings, run_worker,
     assert decisions
 
     def scraped(expr: str, want: float) -> bool:
-        got = query(prom_port, expr)
+        got = prometheus.query(expr)
         return got is not None and abs(got - want) < 1e-6
 
     wait_until(lambda: scraped("sum(promo_stream_events_consumed_total)", len(events)),
@@ -112,10 +60,10 @@ def test_prometheus_scrapes_the_replayed_volume(settings: Settings, run_worker,
     # Every decision here was triggered by an event, so each has one latency observation.
     wait_until(lambda: scraped("sum(promo_decision_latency_seconds_count)", len(decisions)),
                timeout=30, what="the latency histogram to count every decision")
-    assert query(prom_port, 'up{job="promo-worker"}') == 1
+    assert prometheus.query('up{job="promo-worker"}') == 1
     # Over the whole run (the counters since start), not a rate: the replay may fit between
     # two scrapes.
-    p99 = query(prom_port, "histogram_quantile(0.99, sum by (le) "
+    p99 = prometheus.query("histogram_quantile(0.99, sum by (le) "
                            "(promo_decision_latency_seconds_bucket))")
     assert p99 is not None and 0 < p99 < 30
 

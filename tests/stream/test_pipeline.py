@@ -119,6 +119,19 @@ def test_an_abandoned_cart_is_reminded_of_its_whole_item_however_long() -> None:
     assert h.store.due_carts(h.now_ms) == []
 
 
+def test_a_cart_added_again_at_the_same_millisecond_is_a_new_reminder() -> None:
+    # Found by the property test below: reminders were named by the cart's time, so a cart
+    # re-added after its reminder, stamped with the same millisecond, repeated a decision id.
+    h = Harness(policy=CART, now_ms=NOON + 120_000)
+    h.run(records(h, [Event("first", "u", "add_to_cart", "sku-1", NOON)]))
+    h.check_carts()
+    h.run(records(h, [Event("again", "u", "add_to_cart", "sku-1", NOON)]))
+    h.check_carts()
+    reminders = [d for d in h.decisions() if d["reasons"][0]["code"] == "cart_abandoned"]
+    assert [d["trigger_event_id"] for d in reminders] == ["cart:first", "cart:again"]
+    assert len({d["decision_id"] for d in h.decisions()}) == len(h.decisions())
+
+
 def test_a_purchase_in_time_closes_the_cart_and_its_entry() -> None:
     h = Harness(policy=CART, now_ms=NOON)
     h.run(records(h, [cart_add("buyer")]))

@@ -18,7 +18,7 @@ from stream.state import (
     decode,
     encode,
     encoded_size_bound,
-    open_cart_item,
+    open_cart_event,
 )
 from tests.strategies import events, ids
 
@@ -68,7 +68,8 @@ def test_the_sequence_and_dedup_memory_are_bounded() -> None:
 def test_counters_spend_and_the_open_cart() -> None:
     s = UserState()
     applied, _ = apply_events(s, [ev(1, "add_to_cart", "a"), ev(2, "click")])
-    assert (s.cart_open, s.cart_ts_ms, open_cart_item(s, applied)) == (True, T0 + 1000, "a")
+    opened = open_cart_event(s, applied)
+    assert (s.cart_open, s.cart_ts_ms, opened and opened.item_id) == (True, T0 + 1000, "a")
     apply_events(s, [ev(3, "purchase", "a", price=12.5)])
     assert not s.cart_open
     assert (s.carts, s.clicks, s.purchases, s.spend) == (1, 1, 1, 12.5)
@@ -79,7 +80,7 @@ def test_a_purchase_older_than_the_cart_does_not_close_it() -> None:
     apply_events(s, [ev(5, "add_to_cart", "b")])
     applied, _ = apply_events(s, [ev(2, "purchase", "x")])
     assert s.cart_open
-    assert open_cart_item(s, applied) is None  # opened by the batch before
+    assert open_cart_event(s, applied) is None  # opened by the batch before
 
 
 def test_a_new_cart_add_rearms_the_abandonment_reminder() -> None:
@@ -87,13 +88,15 @@ def test_a_new_cart_add_rearms_the_abandonment_reminder() -> None:
     apply_events(s, [ev(1, "add_to_cart", "a")])
     s.cart_reminded = True
     applied, _ = apply_events(s, [ev(2, "add_to_cart", "b")])
-    assert (s.cart_open, s.cart_reminded, open_cart_item(s, applied)) == (True, False, "b")
+    opened = open_cart_event(s, applied)
+    assert (s.cart_open, s.cart_reminded, opened and opened.item_id) == (True, False, "b")
 
 
 def test_the_open_cart_is_the_latest_cart_add_not_the_last_to_arrive() -> None:
     s = UserState()
     applied, _ = apply_events(s, [ev(5, "add_to_cart", "new"), ev(3, "add_to_cart", "late")])
-    assert open_cart_item(s, applied) == "new" and s.cart_ts_ms == T0 + 5000
+    opened = open_cart_event(s, applied)
+    assert opened is not None and opened.item_id == "new" and s.cart_ts_ms == T0 + 5000
 
 
 def test_encoding_round_trips_every_field() -> None:
@@ -133,7 +136,8 @@ def test_a_multibyte_cart_item_never_breaks_the_record() -> None:
     applied, _ = apply_events(s, [ev(1, "add_to_cart", item)])
     back = decode(encode(s))
     assert back.cart_open and encode(back) == encode(s)
-    assert open_cart_item(s, applied) == item  # whole, for the open-carts table
+    opened = open_cart_event(s, applied)
+    assert opened is not None and opened.item_id == item  # whole, for the open-carts table
 
 
 @pytest.mark.parametrize("damage", [b"", b"\x02" + bytes(120), b"\x03" + bytes(10)])
@@ -153,8 +157,8 @@ def test_any_contract_events_round_trip_within_the_bound(history: list[Event], v
     s = UserState()
     for start in range(0, len(history), 7):  # several batches, as the worker applies them
         applied, _ = apply_events(s, history[start:start + 7])
-        item = open_cart_item(s, applied)
-        assert item is None or any(e.item_id == item for e in applied)
+        opened = open_cart_event(s, applied)
+        assert opened is None or opened in applied
     if vector:
         s.vector = np.linspace(-3, 3, 64).astype(np.float16)
         s.model_version = version
@@ -174,7 +178,8 @@ def test_any_contract_events_round_trip_within_the_bound(history: list[Event], v
 def test_any_cart_item_id_is_reported_whole(item: str) -> None:
     s = UserState()
     applied, _ = apply_events(s, [ev(1, "add_to_cart", item)])
-    assert open_cart_item(decode(encode(s)), applied) == item
+    opened = open_cart_event(decode(encode(s)), applied)
+    assert opened is not None and opened.item_id == item
 
 
 @settings(max_examples=60, deadline=None)

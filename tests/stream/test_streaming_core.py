@@ -187,15 +187,18 @@ def test_a_model_swap_mid_stream_needs_no_restart(settings: Settings, run_worker
     assert proc.alive() and proc.log_path.read_text().count("worker ready") == 1
 
 
-def test_a_missing_or_corrupt_checkpoint_falls_back_and_keeps_going(
+def test_a_missing_or_corrupt_checkpoint_leaves_decisions_without_a_model(
         settings: Settings, run_worker, checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    # Popularity lives in the checkpoint, so without one there is no push candidate at all:
+    # the decision says so (model_unavailable, no_candidates) instead of guessing.
     missing = tmp_path / "no-such-model"
     proc, port = run_worker(missing, holdout_percent="0")
     send_events(settings, [Event("m1", "user-m", "add_to_cart", "24852", now_ms())])
     wait_until(lambda: accounted(port) >= 1, timeout=60, what="event processed")
     [decision] = wait_for_decisions(settings, 1)
-    assert decision["model_version"] == "none"
-    assert "model_unavailable" in [r["code"] for r in decision["reasons"]]
+    without_model = ["cart_add", "model_unavailable", "no_eligible_coupon", "no_candidates"]
+    assert decision["model_version"] == "none" and decision["action"] == "none"
+    assert [r["code"] for r in decision["reasons"]] == without_model
     assert sample(scrape(port), "promo_encoder_model_loaded") == 0
 
     corrupt = tmp_path / "corrupt"
@@ -209,6 +212,9 @@ def test_a_missing_or_corrupt_checkpoint_falls_back_and_keeps_going(
                timeout=30, what="the load failure to be counted")
     send_events(settings, [Event("m2", "user-n", "add_to_cart", "24852", now_ms())])
     wait_until(lambda: accounted(port) >= 2, timeout=60, what="second event processed")
+    second = next(d for d in wait_for_decisions(settings, 2) if d["user_id"] == "user-n")
+    assert second["model_version"] == "none"
+    assert [r["code"] for r in second["reasons"]] == without_model
     assert proc.alive()
     assert sample(scrape(port), "promo_encoder_model_loaded") == 0
 
