@@ -133,7 +133,9 @@ def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
     port = launcher.free_port()
     env = as_environment(settings) | {
         "PROMO_WORKER_METRICS_PORT": str(port), "PROMO_WORKER_CHECKPOINT": str(checkpoint),
-        "PROMO_WORKER_DATA_DIR": str(workdir / name), "PROMO_WORKER_LOG_LEVEL": "warning"}
+        "PROMO_WORKER_DATA_DIR": str(workdir / name), "PROMO_WORKER_LOG_LEVEL": "warning",
+        # Counters reach the exporter this often: the rates below are timed to 50 ms.
+        "PROMO_WORKER_METRICS_SNAPSHOT_SECONDS": "0.05"}
     cmd = [PROMO, "worker"]
     if profile:
         cmd = [sys.executable, "-m", "pyinstrument", "-o", str(profile), "-m", "stream",
@@ -163,6 +165,9 @@ def processing_rate(workers: Sequence[WorkerProcess], n: int, timeout: float = 1
         time.sleep(0.05)
     if first is None or last is None:
         raise RuntimeError("the workers did not process every event in time")
+    if last - first < 0.25:
+        raise RuntimeError(f"{n} events took {last - first:.2f} s: too few to time against "
+                           f"the 50 ms metrics snapshot; replay more")
     return n / (last - first)
 
 

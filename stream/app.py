@@ -428,7 +428,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
 
     snapshots = exporter_dir(settings)
 
-    @app.timer(1.0, name="metrics-snapshot")
+    @app.timer(worker.metrics_snapshot_seconds, name="metrics-snapshot")
     async def metrics_snapshot() -> None:
         # From the event loop on purpose: a stuck loop stops the heartbeat the exporter shows.
         write_snapshot(snapshots, metrics.registry, owned_partitions())
