@@ -79,9 +79,10 @@ def runs(quick: bool, full: bool, only: list[str] | None) -> list[Run]:
     if quick:
         tiny = EncoderConfig(d_model=16, n_heads=2, d_ff=32, max_len=20)
         fast = TrainConfig(epochs=1, max_minutes=0.5, seed=0)
-        return [Run("ml-100k-types", "ml-100k", tiny, fast, 60),
-                Run("ml-100k-no-types", "ml-100k", replace(tiny, use_event_types=False), fast,
-                    60)]
+        # On the Instacart sample the project installs: a smoke run needs no datasets dir.
+        return [Run("instacart-types", "instacart", tiny, fast, 60),
+                Run("instacart-no-types", "instacart", replace(tiny, use_event_types=False),
+                    fast, 60)]
     # The ablations compare like with like at a smaller budget: same seed, same 6 minutes.
     carts = TrainConfig(target_types=("add_to_cart",), max_minutes=6.0)
     all_runs = [

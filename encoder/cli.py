@@ -43,8 +43,8 @@ def _data_options(f: F) -> F:
                           "purchase and synonyms such as cart or buy); without it every row "
                           "is a purchase."),
         click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=None, help="Where --dataset names are looked up [default: "
-                     "$PROMO_DATASETS_DIR, else ../shared/datasets beside the repository]."),
+                     default=None, help="Where research datasets are looked up (instacart "
+                     "comes installed) [default: $PROMO_DATASETS_DIR, else ./datasets]."),
         click.option("--from-kafka", is_flag=True,
                      help="Read the events topic's history instead (kafka.* settings: "
                           "bootstrap servers, topic, security), up to its current end."),
@@ -56,14 +56,15 @@ def _data_options(f: F) -> F:
 
 def _load(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
           time_col: str, type_col: str | None, datasets_dir: Path | None,
-          from_kafka: bool = False) -> tuple[list[data.Interaction], dict[str, Any]]:
+          from_kafka: bool = False,
+          progress: bool = True) -> tuple[list[data.Interaction], dict[str, Any]]:
     if (dataset is not None) + (interactions is not None) + from_kafka != 1:
         raise click.UsageError(f"give --dataset NAME ({_NAMES}), --interactions FILE.csv or "
                                "--from-kafka, exactly one")
     source: dict[str, Any]
     try:
         if from_kafka:
-            rows, source = _load_event_log()
+            rows, source = _load_event_log(progress)
         elif interactions is not None:
             rows = data.load_interactions_csv(interactions, user_col=user_col,
                                               item_col=item_col, time_col=time_col,
@@ -81,7 +82,7 @@ def _load(dataset: str | None, interactions: Path | None, user_col: str, item_co
     return rows, source
 
 
-def _load_event_log() -> tuple[list[data.Interaction], dict[str, Any]]:
+def _load_event_log(progress: bool = True) -> tuple[list[data.Interaction], dict[str, Any]]:
     """The events topic's history, with the settings of the `promo` command line."""
     from aiokafka.errors import KafkaError
 
@@ -91,7 +92,7 @@ def _load_event_log() -> tuple[list[data.Interaction], dict[str, Any]]:
     root = click.get_current_context().find_root().obj
     settings = root.settings if root is not None else load_settings()
     try:
-        log = eventlog.load(settings.kafka, settings.contract)
+        log = eventlog.load(settings.kafka, settings.contract, progress=progress)
     except KafkaError as exc:
         raise data.DataError(f"cannot read {settings.kafka.events_topic!r} from "
                              f"{settings.kafka.bootstrap_servers}: {exc}") from exc
@@ -219,7 +220,7 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise click.ClickException(f"{out} is not empty; pass --overwrite to replace it")
     rows, source = _load(dataset, interactions, user_col, item_col, time_col, type_col,
-                         datasets_dir, from_kafka)
+                         datasets_dir, from_kafka, progress)
     model_config = EncoderConfig(n_oov_buckets=oov_buckets, max_len=max_len, n_layers=layers,
                                  d_model=d_model, n_heads=heads, d_ff=d_ff, dropout=dropout,
                                  use_event_types=event_types)

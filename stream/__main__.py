@@ -1,3 +1,3 @@
-from stream.cli import main
+from stream.cli import run
 
-main(prog_name="promo")
+run()

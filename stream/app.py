@@ -78,7 +78,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "store": "rocksdb://",
         "datadir": str(Path(worker.data_dir).resolve()),
         "topic_partitions": kafka.partitions,
-        "topic_replication_factor": kafka.replication_factor,
+        # Unused in practice: ensure_topics creates every topic (replication following the
+        # cluster) before the worker starts, and faust skips topics that exist.
+        "topic_replication_factor": max(1, kafka.replication_factor),
         "processing_guarantee": worker.processing_guarantee,
         # The worker serves Prometheus metrics itself; faust's web server is not needed.
         "web_enabled": False,

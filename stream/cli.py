@@ -1,4 +1,9 @@
-"""`promo`: the command line of promo-stream. Every subcommand has ``--help``."""
+"""`promo`: the command line of promo-stream. Every subcommand has ``--help``.
+
+A failure a user can cause (a broker not running, a port taken, a bad setting, a missing file)
+is one line on stderr saying what to do, and a non-zero exit; ``promo --debug`` shows the
+Python traceback instead (:func:`run`).
+"""
 
 from __future__ import annotations
 
@@ -40,14 +45,16 @@ pass_context = click.make_pass_decorator(Context)
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--config", "config_path", envvar="PROMO_CONFIG", type=click.Path(dir_okay=False),
               help="TOML settings file (sections kafka, worker, contract, replay).")
-@click.option("--log-level", default=None, help="debug, info, warning or error "
-              "[default: worker.log_level]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
+                                               case_sensitive=False),
+              default=None, help="[default: worker.log_level]")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="json writes one JSON object per line [default: worker.log_format]")
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an unexpected error.")
 @click.version_option(package_name="promo-stream")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, log_level: str | None,
-         log_format: str | None) -> None:
+         log_format: str | None, debug: bool) -> None:
     """promo-stream: real-time personalised coupons and push notifications from Kafka events.
 
     \b
@@ -65,6 +72,38 @@ def main(ctx: click.Context, config_path: str | None, log_level: str | None,
         return
     settings = context.settings
     logs.configure(log_level or settings.worker.log_level, log_format or settings.worker.log_format)
+
+
+def run() -> None:
+    """The `promo` entry point: click reports usage and ClickException errors itself; every
+    other exception becomes one line here (what happened, what to do), unless --debug."""
+    try:
+        main.main(prog_name="promo")
+    except Exception as exc:
+        if "--debug" in sys.argv[1:]:
+            raise
+        click.echo(f"Error: {explain(exc)}", err=True)
+        sys.exit(1)
+
+
+def explain(exc: BaseException) -> str:
+    """One line for an error, with the next step where there is an obvious one."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+    from pydantic import ValidationError
+
+    if isinstance(exc, KafkaConnectionError):
+        return (f"cannot reach Kafka ({exc}); start a broker (`promo broker start`) or point "
+                "kafka.bootstrap_servers (--bootstrap-servers, PROMO_KAFKA_BOOTSTRAP_SERVERS) "
+                "at one")
+    if isinstance(exc, KafkaError):
+        return f"Kafka said: {exc}"
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return f"invalid setting: {problems}"
+    if isinstance(exc, OSError | ValueError | RuntimeError):
+        return str(exc) or type(exc).__name__
+    return (f"unexpected {type(exc).__name__}: {exc} (run with `promo --debug ...` for the "
+            "traceback, and please report it)")
 
 
 @main.command("config")
@@ -99,8 +138,9 @@ def broker_install() -> None:
 @_data_dir_option
 @click.option("--nodes", type=click.Choice(["1", "3"]), default="1",
               help="1 for development; 3 for replication factor 3 on one machine.")
-@click.option("--port", type=int, default=None,
-              help="Client port of a single node [default: 9092 if free, else any free port].")
+@click.option("--port", type=click.IntRange(1, 65_535), default=None,
+              help="Client port of a single node [default: 9092, what kafka.bootstrap_servers "
+                   "expects].")
 @click.option("--controller-port", type=int, default=None, help="KRaft controller port.")
 @click.option("--heap", default="512m", help="JVM -Xmx per node.")
 @click.option("--timeout", type=float, default=90.0, help="Seconds to wait for readiness.")
@@ -109,7 +149,11 @@ def broker_start(data_dir: Path, nodes: str, port: int | None, controller_port: 
     """Start the broker(s) and wait until ready; print the bootstrap servers on stdout."""
     n = int(nodes)
     if n == 1 and port is None and launcher.Cluster.load(data_dir) is None:
-        port = 9092 if _port_free(9092) else None
+        if not _port_free(9092):
+            raise click.ClickException(
+                "127.0.0.1:9092 is in use (another broker? `promo broker status`); pass "
+                "--port N and then set PROMO_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:N")
+        port = 9092
     try:
         cluster = launcher.start(data_dir, nodes=n, broker_port=port,
                                  controller_port=controller_port, heap=heap, timeout=timeout)
@@ -164,6 +208,109 @@ def broker_status(data_dir: Path) -> None:
         sys.exit(1)
 
 
+@main.group()
+def coupons() -> None:
+    """Publish, list and retire coupon campaigns (the compacted `coupons` topic).
+
+    \b
+    A campaigns file is a JSON list (or JSON lines) of objects:
+      {"coupon_id": "spring-10", "value": 10.0, "budget": 5000.0,
+       "valid_from": "2026-03-01T00:00:00Z", "valid_to": 1775000000000,
+       "min_spend": 30.0, "items": ["sku-1"], "categories": ["snacks"],
+       "max_exposures": 1000}
+    value, budget and min_spend are money; valid_from / valid_to are epoch milliseconds
+    or ISO-8601 text (no zone: UTC), valid_to defaulting to no end (and no pacing); no items
+    and no categories means any purchase. Workers pick changes up within a second.
+    """
+
+
+@coupons.command("publish")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Check the file; publish nothing.")
+@pass_context
+def coupons_publish(context: Context, file: Path, dry_run: bool) -> None:
+    """Check every campaign in FILE, then publish them all (or none)."""
+    from stream import admin
+
+    campaigns = admin.load_campaigns(file)
+    if dry_run:
+        click.echo(f"{len(campaigns)} campaigns in {file} are valid; nothing published")
+        return
+    admin.publish_campaigns(context.settings.kafka, campaigns)
+    click.echo(f"published {len(campaigns)} campaigns to {context.settings.kafka.coupons_topic}"
+               f": {', '.join(c.coupon_id for c in campaigns)}")
+
+
+@coupons.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per campaign.")
+@pass_context
+def coupons_list(context: Context, as_json: bool) -> None:
+    """The campaigns the workers serve from, with their windows."""
+    import time
+
+    import orjson
+
+    from stream import admin
+
+    campaigns = admin.read_campaigns(context.settings.kafka)
+    now_ms = int(time.time() * 1000)
+    for coupon in sorted(campaigns.values(), key=lambda c: c.coupon_id):
+        if as_json:
+            click.echo(orjson.dumps({"coupon_id": coupon.coupon_id}
+                                    | orjson.loads(coupon.to_json())).decode())
+            continue
+        targets = (f"{len(coupon.items)} items, {len(coupon.categories)} categories"
+                   if coupon.items or coupon.categories else "any purchase")
+        click.echo(f"{coupon.coupon_id:<24} value {coupon.value:>8.2f}  budget "
+                   f"{coupon.budget:>10.2f}  {admin.describe_window(coupon, now_ms)}  "
+                   f"{targets}")
+    if not campaigns and not as_json:
+        click.echo(f"no campaigns in {context.settings.kafka.coupons_topic}")
+
+
+@coupons.command("retire")
+@click.argument("coupon_ids", nargs=-1, required=True)
+@pass_context
+def coupons_retire(context: Context, coupon_ids: tuple[str, ...]) -> None:
+    """End campaigns now: no coupon of theirs is issued once workers see it (a second)."""
+    from stream import admin
+
+    unknown = admin.retire_campaigns(context.settings.kafka, list(coupon_ids))
+    click.echo(f"retired {', '.join(coupon_ids)}"
+               + (f" ({', '.join(unknown)} were not in the catalog)" if unknown else ""))
+
+
+@main.group()
+def preferences() -> None:
+    """Publish users' consent and time zones (the compacted `user-preferences` topic)."""
+
+
+@preferences.command("publish")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Check the file; publish nothing.")
+@pass_context
+def preferences_publish(context: Context, file: Path, dry_run: bool) -> None:
+    """Check every record in FILE, then publish them all (or none).
+
+    \b
+    FILE: JSON list, JSON lines or CSV (header user_id,push_opt_in,coupon_opt_in,timezone):
+      {"user_id": "u42", "push_opt_in": false, "coupon_opt_in": true,
+       "timezone": "Europe/Berlin"}
+    A flag left out (or empty in a CSV) is not stated: that user gets the configured
+    default (policy.default_push_opt_in / default_coupon_opt_in), like a user with no
+    record. Stated flags always win.
+    """
+    from stream import admin
+
+    found = admin.load_preferences(file)
+    if dry_run:
+        click.echo(f"{len(found)} preferences in {file} are valid; nothing published")
+        return
+    admin.publish_preferences(context.settings.kafka, found)
+    click.echo(f"published {len(found)} preferences to "
+               f"{context.settings.kafka.preferences_topic}")
+
+
 main.add_command(train)
 main.add_command(evaluate)
 main.add_command(publish)
@@ -185,13 +332,13 @@ def worker(context: Context, bootstrap_servers: str | None, metrics_port: int | 
     """
     from stream.exporter import ExporterError
     from stream.runner import run_worker
-    from stream.topics import TopicConfigError
+    from stream.topics import BrokerRefused, TopicConfigError
 
     try:
         run_worker(_with_overrides(
             context.settings, kafka={"bootstrap_servers": bootstrap_servers},
             worker={"metrics_port": metrics_port, "data_dir": data_dir}))
-    except (ExporterError, TopicConfigError) as exc:
+    except (ExporterError, TopicConfigError, BrokerRefused) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -218,8 +365,9 @@ def _dataset_options(f: click.decorators.FC) -> click.decorators.FC:
         click.option("--time-col", default="timestamp", help="Time column of --interactions."),
         click.option("--type-col", default=None, help="Event-type column of --interactions."),
         click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=None, help="Where named datasets live [default: replay.datasets_dir, "
-                     "else ../shared/datasets]."),
+                     default=None, help="Where research datasets live (instacart comes "
+                     "installed) [default: replay.datasets_dir, else $PROMO_DATASETS_DIR, else "
+                     "./datasets]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -247,7 +395,8 @@ def _load_interactions(settings: Settings, dataset: str | None, interactions: Pa
 
 @main.command("replay")
 @_dataset_options
-@click.option("--limit", type=int, default=None, help="Replay only the first N events.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Replay only the first N events.")
 @click.option("--rate", type=float, default=None,
               help="Events per second; 0 = as fast as possible [default: replay.rate].")
 @click.option("--clock", type=click.Choice(["now", "dataset"]), default=None,
@@ -264,8 +413,9 @@ def replay(context: Context, dataset: str | None, interactions: Path | None, use
            bootstrap_servers: str | None, progress: bool) -> None:
     """Replay a real dataset (or --interactions CSV) into `events`, in time order.
 
-    DATASET is one of the names in ../shared/datasets (games, beauty, ml-100k, instacart,
-    rees46). Prints the number of events produced and acknowledged by the broker.
+    DATASET is instacart (installed with the project) or a research dataset in the datasets
+    directory (games, beauty, ml-100k, rees46: encoder/data.py says where each comes from).
+    Prints the number of events produced and acknowledged by the broker.
     """
     import asyncio
 
@@ -285,9 +435,10 @@ def replay(context: Context, dataset: str | None, interactions: Path | None, use
 
 @main.command("demo")
 @click.option("--dataset", default="instacart", help="Named dataset to train on and replay.")
-@click.option("--limit", type=int, default=20_000, help="Events to replay.")
+@click.option("--limit", type=click.IntRange(min=1), default=20_000, help="Events to replay.")
 @click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where named datasets live [default: ../shared/datasets].")
+              help="Where research datasets live [default: replay.datasets_dir, else "
+                   "$PROMO_DATASETS_DIR]; instacart comes installed.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               default=Path(".promo/demo"), help="Scratch directory (wiped at start).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -386,7 +537,7 @@ def simulate(context: Context, dataset: str | None, interactions: Path | None, u
             click.echo(text, err=True)
 
     rows, _ = _load_encoder_data(dataset, interactions, user_col, item_col, time_col, type_col,
-                                 datasets_dir, from_kafka)
+                                 datasets_dir, from_kafka, progress)
     config = sim.SimulationConfig(train_fraction=train_fraction, horizon=horizon,
                                   campaigns=campaigns, seed=seed, quiet_hours=quiet_hours,
                                   tune_repeat_weight=tune_repeat_weight,

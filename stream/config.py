@@ -5,6 +5,14 @@ section (``[kafka]``, ``[worker]``, ...), and every field can also be set from t
 as ``PROMO_<SECTION>_<FIELD>`` (``PROMO_KAFKA_BOOTSTRAP_SERVERS=host:9092``). The file comes
 from ``--config`` or ``PROMO_CONFIG``. Secrets (SASL password) belong in the environment or a
 file named by ``*_file`` settings, never on a command line where ``ps`` would show them.
+
+Values are checked when they are loaded, by type, range and choice, with pydantic: a holdout of
+150%, an hour 25 or ``exactly-once`` (hyphen) is a :class:`ConfigError` naming the setting, the
+value and the rule, in `promo config` as in the worker. The sections are pydantic *dataclasses*
+(not models): ``dataclasses.replace`` and ``asdict`` keep working everywhere, and ``replace``
+validates too. The file and environment are merged here in a few lines rather than by
+pydantic-settings, whose nested variables would be ``PROMO_KAFKA__BOOTSTRAP_SERVERS``: every
+documented variable name stays as it is.
 """
 
 from __future__ import annotations
@@ -12,122 +20,160 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
-import typing
+import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+Hour = Annotated[int, Field(ge=0, le=23)]
+Share = Annotated[float, Field(ge=0, le=1)]
+Name = Annotated[str, Field(min_length=1)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class KafkaSettings:
-    bootstrap_servers: str = "127.0.0.1:9092"
-    events_topic: str = "events"
-    dlq_topic: str = "events.dlq"
-    decisions_topic: str = "decisions"
-    vectors_topic: str = "user-vectors"
-    coupons_topic: str = "coupons"
-    preferences_topic: str = "user-preferences"
+    bootstrap_servers: Name = "127.0.0.1:9092"
+    events_topic: Name = "events"
+    dlq_topic: Name = "events.dlq"
+    decisions_topic: Name = "decisions"
+    vectors_topic: Name = "user-vectors"
+    coupons_topic: Name = "coupons"
+    preferences_topic: Name = "user-preferences"
     # Partitions of `events` bound how many workers can share the load; the state changelog
     # and `user-preferences` get the same number so a user's data stays on one worker.
-    partitions: int = 4
-    replication_factor: int = 1
-    security_protocol: str = "PLAINTEXT"  # or SASL_SSL, SASL_PLAINTEXT, SSL
-    sasl_mechanism: str = "SCRAM-SHA-512"
+    partitions: Annotated[int, Field(ge=1, le=10_000)] = 4
+    # Copies of every topic the project creates; 0 follows the cluster: 3 (and
+    # min.insync.replicas 2, so a write survives one broker's loss) on three brokers or more,
+    # else one per broker.
+    replication_factor: Annotated[int, Field(ge=0, le=10)] = 0
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
     sasl_username: str = ""
     sasl_password: str = ""
     sasl_password_file: str = ""  # read at start; preferred over sasl_password
     ssl_cafile: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class ContractSettings:
-    max_record_bytes: int = 16 * 1024
+    max_record_bytes: Annotated[int, Field(ge=256, le=1_048_576)] = 16 * 1024
     # Events stamped further ahead than this are clock bugs or forgeries, not early arrivals.
-    max_future_skew_seconds: float = 300.0
+    max_future_skew_seconds: NonNegative = 300.0
     # Anything older is a unit mistake (seconds sent as milliseconds) or garbage; 1990 still
     # admits the oldest public datasets (MovieLens 100K is from 1997).
-    min_event_time_ms: int = 631_152_000_000  # 1990-01-01T00:00:00Z
+    min_event_time_ms: Count = 631_152_000_000  # 1990-01-01T00:00:00Z
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class WorkerSettings:
-    app_id: str = "promo-stream"
-    data_dir: str = ".promo/worker"
-    processing_guarantee: str = "at_least_once"  # or exactly_once
+    app_id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] = "promo-stream"
+    data_dir: Name = ".promo/worker"
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     # A worker that dies silently keeps its partitions until this expires (faust's default is
     # 60 s); heartbeats go every 3 s, so 10 s tolerates three missed ones.
-    session_timeout_seconds: float = 10.0
+    session_timeout_seconds: Annotated[float, Field(ge=6, le=300)] = 10.0
     # A micro-batch closes when it holds batch_max_events or batch_max_seconds have passed
     # since its first fetch, whichever comes first; under load a single fetch fills it.
-    batch_max_events: int = 2000
-    batch_max_seconds: float = 0.1
-    metrics_host: str = "127.0.0.1"  # localhost unless an operator opens it up
-    metrics_port: int = 9464
+    batch_max_events: Annotated[int, Field(ge=1, le=100_000)] = 2000
+    batch_max_seconds: NonNegative = 0.1
+    metrics_host: Name = "127.0.0.1"  # localhost unless an operator opens it up
+    metrics_port: Annotated[int, Field(ge=0, le=65_535)] = 9464  # 0: any free port
     # How often the worker hands its metrics to its exporter (and proves it is alive). A
     # smaller value times things more finely (the benchmarks use 0.05) for a little CPU.
-    metrics_snapshot_seconds: float = 1.0
-    log_level: str = "info"
-    log_format: str = "text"  # or json
+    metrics_snapshot_seconds: Annotated[float, Field(ge=0.01, le=60)] = 1.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     checkpoint: str = ""  # encoder checkpoint directory (or a symlink to one); "" = none
-    model_poll_seconds: float = 5.0  # how often to look for a newer checkpoint there
+    model_poll_seconds: Positive = 5.0  # how often to look for a newer checkpoint there
     # A batch whose processing raises is computed again this many times before it is cut in
     # halves to dead-letter the one record that raises (reason processing_error).
-    processing_retries: int = 2
+    processing_retries: Annotated[int, Field(ge=0, le=10)] = 2
     # RocksDB memory per table per partition: a worker opens tables x partitions databases,
     # and faust's defaults (3 write buffers of 64 MB, a 2 GB block cache each) are sized for
     # one big database, not 16 small ones on a small host.
-    rocksdb_write_buffer_mb: int = 8
-    rocksdb_block_cache_mb: int = 16
+    rocksdb_write_buffer_mb: Annotated[int, Field(ge=1, le=1024)] = 8
+    rocksdb_block_cache_mb: Annotated[int, Field(ge=1, le=65_536)] = 16
     # exactly_once: the broker aborts a transaction open longer than this (and fences the
-    # producer). Batches commit every few seconds and timer output at once, so 60 s is slack.
-    transaction_timeout_seconds: float = 60.0
+    # producer). Batches commit every few seconds and timer output at once, so 60 s is slack;
+    # brokers refuse more than their transaction.max.timeout.ms (15 minutes by default).
+    transaction_timeout_seconds: Annotated[float, Field(ge=1, le=900)] = 60.0
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class PolicyConfig:
     """The decision policy's knobs (stream/policy.py explains the order they apply in)."""
 
-    holdout_percent: float = 10.0
-    push_daily_cap: int = 3
-    push_min_interval_seconds: float = 4 * 3600.0
-    coupon_daily_cap: int = 1
-    coupon_min_interval_seconds: float = 24 * 3600.0
-    quiet_start_hour: int = 22  # local time; no sends from 22:00 ...
-    quiet_end_hour: int = 8  # ... to 08:00
-    default_timezone: str = "UTC"
-    # Users without a preferences record: the shop's terms decide; opt-in is the default here.
+    holdout_percent: Annotated[float, Field(ge=0, le=100)] = 10.0
+    push_daily_cap: Count = 3
+    push_min_interval_seconds: NonNegative = 4 * 3600.0
+    coupon_daily_cap: Count = 1
+    coupon_min_interval_seconds: NonNegative = 24 * 3600.0
+    quiet_start_hour: Hour = 22  # local time; no sends from 22:00 ...
+    quiet_end_hour: Hour = 8  # ... to 08:00 (equal hours: no quiet hours)
+    default_timezone: str = "UTC"  # an IANA zone, for users whose preferences name none
+    # Consent of a user without a preferences record, or whose record leaves a flag out: the
+    # shop's terms decide; opt-in is the default here. A flag a record states always wins.
     default_push_opt_in: bool = True
     default_coupon_opt_in: bool = True
-    repeat_view_threshold: int = 3  # views of one item within the sequence = purchase intent
-    cart_abandon_seconds: float = 1800.0
-    cold_start_events: int = 3  # fewer events than this: popularity fallbacks
-    push_items: int = 3
-    push_exclude_recent_hours: float = 24.0  # items touched this recently are never pushed
+    # Views of one item within the sequence that signal purchase intent.
+    repeat_view_threshold: AtLeastOne = 3
+    cart_abandon_seconds: Positive = 1800.0
+    cold_start_events: Count = 3  # fewer events than this: popularity fallbacks
+    push_items: Annotated[int, Field(ge=1, le=50)] = 3
+    push_exclude_recent_hours: NonNegative = 24.0  # items touched this recently are never pushed
     # Push ranking adds w * log(1 + n) to an item's score for n occurrences in the user's
     # recent sequence (policy.repeat_boost); 0 ranks by the encoder alone.
-    push_repeat_weight: float = 1.0
+    push_repeat_weight: NonNegative = 1.0
     # Propensity above `no_coupon_propensity` gets no coupon; above `half_discount_propensity`
     # gets half the coupon's value.
-    no_coupon_propensity: float = 0.8
-    half_discount_propensity: float = 0.5
+    no_coupon_propensity: Share = 0.8
+    half_discount_propensity: Share = 0.5
     # Platt calibration of the behavioural propensity score, fitted by `promo simulate` on
     # held-out data (it prints the values); 1 and 0 leave the score as it is.
-    propensity_logit_scale: float = 1.0
+    propensity_logit_scale: Positive = 1.0
     propensity_logit_bias: float = 0.0
-    explain_items: int = 2  # recent items named in the reasons
-    cart_check_seconds: float = 5.0  # how often the worker looks for abandoned carts
+    explain_items: Annotated[int, Field(ge=0, le=20)] = 2  # recent items named in the reasons
+    cart_check_seconds: Positive = 5.0  # how often the worker looks for abandoned carts
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"not an IANA time zone: {value!r} (e.g. Europe/Berlin)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _tiers_in_order(self) -> PolicyConfig:
+        if self.half_discount_propensity > self.no_coupon_propensity:
+            raise ValueError("half_discount_propensity must not exceed no_coupon_propensity")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class ReplaySettings:
-    datasets_dir: str = ""  # empty: $PROMO_DATASETS_DIR, else ../shared/datasets beside the repo
-    rate: float = 0.0  # events/s; 0 = as fast as the broker takes them
-    clock: str = "now"  # now: stamp events at send time; dataset: keep the dataset's time
+    datasets_dir: str = ""  # empty: $PROMO_DATASETS_DIR (see encoder/data.py)
+    rate: NonNegative = 0.0  # events/s; 0 = as fast as the broker takes them
+    clock: Literal["now", "dataset"] = "now"  # now: stamp at send time; dataset: keep its time
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_STRICT)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     contract: ContractSettings = field(default_factory=ContractSettings)
@@ -142,11 +188,14 @@ class Settings:
         return Path(configured) if configured else default_datasets_dir()
 
 
+_SECTION_TYPES: dict[str, type[Any]] = {
+    "kafka": KafkaSettings, "contract": ContractSettings, "worker": WorkerSettings,
+    "replay": ReplaySettings, "policy": PolicyConfig}
+
+
 class ConfigError(ValueError):
-    """A settings file or variable names an unknown field or holds a value of the wrong type."""
-
-
-S = TypeVar("S")
+    """A settings file or variable names an unknown field or holds a value that breaks a
+    rule; the message names each one."""
 
 
 def load_settings(path: str | Path | None = None,
@@ -155,68 +204,65 @@ def load_settings(path: str | Path | None = None,
     """Defaults, then the TOML file, then ``PROMO_*`` variables, then ``overrides`` by section."""
     environ = os.environ if environ is None else environ
     path = path or environ.get("PROMO_CONFIG") or None
-    file_values: dict[str, Any] = {}
+    values: dict[str, dict[str, Any]] = {}
+    where: dict[tuple[str, str], str] = {}  # (section, field) -> where its value came from
     if path:
         try:
-            file_values = tomllib.loads(Path(path).read_text())
+            from_file = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
-    unknown = set(file_values) - {f.name for f in dataclasses.fields(Settings)}
+        for section, body in from_file.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table of settings")
+            values[section] = dict(body)
+            where.update({(section, name): f"{path} [{section}] {name}" for name in body})
+    sections = {f.name for f in dataclasses.fields(Settings)}
+    for key, raw in environ.items():
+        if not key.startswith("PROMO_") or key in _NOT_SETTINGS:
+            continue
+        section, _, name = key[len("PROMO_"):].lower().partition("_")
+        if section not in sections:
+            continue  # PROMO_LOG_SALT and friends are read where they are used
+        values.setdefault(section, {})[name] = raw
+        where[(section, name)] = key
+    for section, given in overrides.items():
+        values.setdefault(section, {}).update(given)
+    unknown = set(values) - sections
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}")
-    sections: dict[str, Any] = {}
-    for section in dataclasses.fields(Settings):
-        cls = typing.get_type_hints(Settings)[section.name]
-        values = dict(file_values.get(section.name, {}))
-        prefix = f"PROMO_{section.name.upper()}_"
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key, raw in environ.items():
-            if key.startswith(prefix):
-                name = key[len(prefix):].lower()
-                if name not in names:
-                    raise ConfigError(f"{key}: {cls.__name__} has no field {name!r}")
-                values[name] = raw
-        values.update(overrides.get(section.name, {}))
-        sections[section.name] = _build(cls, values, where=f"[{section.name}]")
-    return Settings(**sections)
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; "
+                          f"known: {', '.join(sorted(sections))}")
+    built: dict[str, Any] = {}
+    problems: list[str] = []
+    for section, body in values.items():
+        try:
+            built[section] = _SECTION_TYPES[section](**body)
+        except ValidationError as exc:
+            problems += _explain(section, exc, where)
+    if problems:
+        head = "invalid setting" if len(problems) == 1 else f"{len(problems)} invalid settings"
+        raise ConfigError(f"{head}: " + "; ".join(problems))
+    return Settings(**built)
 
 
-def _build(cls: type[S], values: Mapping[str, Any], where: str) -> S:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
-    kwargs = {name: _coerce(hints[name], value, f"{where} {name}")
-              for name, value in values.items()}
-    return cls(**kwargs)
+_NOT_SETTINGS = {"PROMO_CONFIG", "PROMO_DATASETS_DIR", "PROMO_LOG_SALT", "PROMO_SOAK"}
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None or value == "":
-            return None
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"not a boolean: {value!r}")
-        if hint is int:
-            if isinstance(value, bool):
-                raise ValueError("boolean where a number is expected")
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+def _explain(section: str, error: ValidationError,
+             where: Mapping[tuple[str, str], str]) -> list[str]:
+    """One line per broken rule: where the value came from, the value, the rule."""
+    lines = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"])
+        origin = where.get((section, name), "")
+        origin = f"{origin} ({section}.{name})" if origin else f"{section}.{name}"
+        if problem["type"] == "unexpected_keyword_argument":
+            lines.append(f"{origin}: no such setting in [{section}]")
+        elif not name:  # a rule across fields
+            lines.append(f"[{section}]: {problem['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{origin} = {problem.get('input')!r}: "
+                         f"{problem['msg'].removeprefix('Value error, ')}")
+    return lines
 
 
 def as_environment(settings: Settings) -> dict[str, str]:

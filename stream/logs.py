@@ -58,10 +58,29 @@ class TextFormatter(logging.Formatter):
         return text + (" " + " ".join(extras) if extras else "")
 
 
+#: Errors Kafka clients report, and retry, while a broker elects leaders or a group
+#: coordinator starts: every healthy start (or new topic) shows some. Not worth an ERROR line.
+TRANSIENT_KAFKA_ERRORS = ("GroupCoordinatorNotAvailableError", "NotLeaderForPartitionError",
+                          "LeaderNotAvailableError", "NotCoordinatorForGroupError",
+                          "CoordinatorLoadInProgressError")
+
+
+class TransientKafkaErrors(logging.Filter):
+    """Report the Kafka clients' retried start-up errors at debug level, not as errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and any(
+                name in record.getMessage() for name in TRANSIENT_KAFKA_ERRORS):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send every logger to stderr in the chosen format; quiet the chattiest libraries."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLinesFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(TransientKafkaErrors())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

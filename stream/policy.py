@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from encoder.inference import item_key
+from encoder.vocab import item_key
 from stream.config import PolicyConfig
 from stream.events import Event
 from stream.state import TYPE_ID, UserState
@@ -44,15 +44,25 @@ POLICY_VERSION = "policy-2"  # 2: push ranking adds the repeat prior
 
 # --- inputs ------------------------------------------------------------------------------------
 
+#: Valid-window bounds: epoch milliseconds; ``valid_to`` this far out means "no end".
+FOREVER_MS = 2**62
+MAX_ID_CHARS = 256
+
+
 @dataclass(frozen=True)
 class Coupon:
-    """A campaign from the compacted `coupons` topic (value = JSON, key = coupon_id)."""
+    """A campaign from the compacted `coupons` topic (value = JSON, key = coupon_id).
+
+    ``value`` and ``budget`` are money in the shop's currency; ``valid_from`` / ``valid_to``
+    are epoch milliseconds (a file for `promo coupons publish` may give ISO-8601 text,
+    converted on the way in); no ``valid_to`` means no end, and then no pacing.
+    """
 
     coupon_id: str
     value: float  # money off per coupon; also what one issued coupon reserves from the budget
     budget: float  # total money the campaign may give away
     valid_from_ms: int = 0
-    valid_to_ms: int = 2**62
+    valid_to_ms: int = FOREVER_MS
     min_spend: float = 0.0
     items: tuple[str, ...] = ()  # target items; with no items and no categories: any purchase
     categories: tuple[str, ...] = ()
@@ -62,15 +72,47 @@ class Coupon:
         return self.valid_from_ms <= now_ms < self.valid_to_ms
 
     @classmethod
-    def from_json(cls, coupon_id: str, raw: bytes) -> Coupon:
+    def from_json(cls, coupon_id: str, raw: bytes, *, strict: bool = False) -> Coupon:
+        """Parse and check a campaign; ValueError says which field breaks which rule.
+
+        ``strict`` (what `promo coupons publish` uses) also refuses fields it does not know,
+        the likeliest typo; the worker reads leniently, so a newer producer's extra field
+        never stops a campaign.
+        """
         body = orjson.loads(raw)
-        return cls(coupon_id=coupon_id, value=float(body["value"]), budget=float(body["budget"]),
-                   valid_from_ms=int(body.get("valid_from", 0)),
-                   valid_to_ms=int(body.get("valid_to", 2**62)),
-                   min_spend=float(body.get("min_spend", 0.0)),
-                   items=tuple(str(i) for i in body.get("items", ())),
-                   categories=tuple(str(c) for c in body.get("categories", ())),
-                   max_exposures=int(body.get("max_exposures", 0)))
+        if not isinstance(body, dict):
+            raise ValueError("a campaign must be a JSON object")
+        return cls.from_fields(coupon_id, body, strict=strict)
+
+    @classmethod
+    def from_fields(cls, coupon_id: str, body: Mapping[str, Any], *,
+                    strict: bool = False) -> Coupon:
+        known = {"coupon_id", "value", "budget", "valid_from", "valid_to", "min_spend", "items",
+                 "categories", "max_exposures"}
+        if strict and set(body) - known:
+            raise ValueError(f"unknown fields {sorted(set(body) - known)} (known: "
+                             f"{', '.join(sorted(known))})")
+        if not coupon_id or len(coupon_id) > MAX_ID_CHARS or coupon_id.isspace():
+            raise ValueError(f"coupon_id must be 1-{MAX_ID_CHARS} characters")
+        if "value" not in body or "budget" not in body:
+            raise ValueError("value and budget are required")
+        value = _money(body["value"], "value", positive=True)
+        budget = _money(body["budget"], "budget", positive=True)
+        if budget < value:
+            raise ValueError(f"budget {budget:g} is below one coupon's value {value:g}")
+        valid_from = _epoch_ms(body.get("valid_from", 0), "valid_from")
+        valid_to = _epoch_ms(body.get("valid_to", FOREVER_MS), "valid_to")
+        if valid_to <= valid_from:
+            raise ValueError("valid_to must be after valid_from")
+        exposures = body.get("max_exposures", 0)
+        if not isinstance(exposures, int) or isinstance(exposures, bool) or exposures < 0:
+            raise ValueError(f"max_exposures must be a whole number >= 0, not {exposures!r}")
+        return cls(coupon_id=coupon_id, value=value, budget=budget, valid_from_ms=valid_from,
+                   valid_to_ms=valid_to,
+                   min_spend=_money(body.get("min_spend", 0.0), "min_spend", positive=False),
+                   items=_ids(body.get("items", ()), "items"),
+                   categories=_ids(body.get("categories", ()), "categories"),
+                   max_exposures=exposures)
 
     def to_json(self) -> bytes:
         return orjson.dumps({
@@ -79,25 +121,83 @@ class Coupon:
             "categories": self.categories, "max_exposures": self.max_exposures})
 
 
+def _money(value: Any, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, got {value}")
+    return float(value)
+
+
+def _epoch_ms(value: Any, name: str) -> int:
+    """Epoch milliseconds, or ISO-8601 text (files written by people); no zone means UTC."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is neither epoch milliseconds nor ISO-8601 "
+                             "(2026-12-24T00:00:00Z)") from None
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return round(moment.timestamp() * 1000)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= FOREVER_MS:
+        raise ValueError(f"{name} must be epoch milliseconds (a whole number, 0 to 2^62), "
+                         f"not {value!r}")
+    if 0 < value < 100_000_000_000:  # before 1973 in ms: seconds, surely
+        raise ValueError(f"{name} {value} looks like epoch seconds; give milliseconds")
+    return value
+
+
+def _ids(values: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(values, list | tuple) or not all(
+            isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS for v in values):
+        raise ValueError(f"{name} must be a list of ids (strings of 1-{MAX_ID_CHARS} chars)")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class Preferences:
-    """From the compacted `user-preferences` topic (value = JSON, key = user_id)."""
+    """From the compacted `user-preferences` topic (value = JSON, key = user_id).
 
-    push_opt_in: bool
-    coupon_opt_in: bool
+    A flag the record leaves out (or sets to null) is not stated: the user then gets
+    ``policy.default_push_opt_in`` / ``default_coupon_opt_in``, exactly as a user with no
+    record at all. A stated flag always wins.
+    """
+
+    push_opt_in: bool | None
+    coupon_opt_in: bool | None
     timezone: str | None = None
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Preferences:
-        """Parse a preferences record; a missing flag means no consent. Raises ValueError."""
+    def from_json(cls, raw: bytes, *, strict: bool = False) -> Preferences:
+        """Parse and check a preferences record. Raises ValueError naming the field."""
         body = orjson.loads(raw)
         if not isinstance(body, dict):
             raise ValueError("preferences must be a JSON object")
+        return cls.from_fields(body, strict=strict)
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any], *, strict: bool = False) -> Preferences:
+        known = {"user_id", "push_opt_in", "coupon_opt_in", "timezone"}
+        if strict and set(body) - known:
+            raise ValueError(f"unknown fields {sorted(set(body) - known)} (known: "
+                             f"{', '.join(sorted(known))})")
+        flags = {}
+        for name in ("push_opt_in", "coupon_opt_in"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true, false or absent, not {value!r}")
+            flags[name] = value
         timezone = body.get("timezone") or None
-        if timezone is not None and not isinstance(timezone, str):
-            raise ValueError("timezone must be a string")
-        return cls(push_opt_in=body.get("push_opt_in") is True,
-                   coupon_opt_in=body.get("coupon_opt_in") is True, timezone=timezone)
+        if timezone is not None:
+            if not isinstance(timezone, str):
+                raise ValueError("timezone must be a string")
+            try:
+                zoneinfo.ZoneInfo(timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"timezone {timezone!r} is not an IANA time zone "
+                                 "(e.g. Europe/Berlin)") from None
+        return cls(push_opt_in=flags["push_opt_in"], coupon_opt_in=flags["coupon_opt_in"],
+                   timezone=timezone)
 
     def to_json(self) -> bytes:
         return orjson.dumps({"push_opt_in": self.push_opt_in,
@@ -116,7 +216,7 @@ class CouponBudget:
     def paced_allowance(self, coupon: Coupon, now_ms: int) -> float:
         """Spend allowed by ``now``: the share, released linearly over the validity window
         (with a tenth up front so a campaign can start), never more than the share."""
-        if coupon.valid_to_ms >= 2**61 or coupon.valid_to_ms <= coupon.valid_from_ms:
+        if coupon.valid_to_ms >= FOREVER_MS // 2 or coupon.valid_to_ms <= coupon.valid_from_ms:
             return self.share
         elapsed = (now_ms - coupon.valid_from_ms) / (coupon.valid_to_ms - coupon.valid_from_ms)
         return self.share * min(1.0, 0.1 + 0.9 * max(0.0, elapsed))
@@ -332,8 +432,11 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
     latest events (the encoder failed on this batch). The reasons say which applied.
     """
     cfg = ctx.config
-    push_ok = prefs.push_opt_in if prefs else cfg.default_push_opt_in
-    coupon_ok = prefs.coupon_opt_in if prefs else cfg.default_coupon_opt_in
+    # A flag a preferences record leaves out counts as no record: the configured default.
+    stated_push = prefs.push_opt_in if prefs else None
+    stated_coupon = prefs.coupon_opt_in if prefs else None
+    push_ok = cfg.default_push_opt_in if stated_push is None else stated_push
+    coupon_ok = cfg.default_coupon_opt_in if stated_coupon is None else stated_coupon
     if not (push_ok or coupon_ok):
         return None
     holdout = in_holdout(user_id, cfg.holdout_percent)

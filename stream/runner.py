@@ -18,7 +18,7 @@ from stream.app import create_app, exporter_dir
 from stream.config import Settings
 from stream.exporter import write_snapshot
 from stream.metrics import Metrics
-from stream.topics import BrokerNotReady, ensure_topics
+from stream.topics import BrokerNotReady, ensure_topics, probe
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def wait_for_broker(settings: Settings, metrics: Metrics,
     Forgetting to start the broker is the likeliest first mistake: the worker says so once per
     attempt and goes on the moment the broker appears. Meanwhile its exporter serves
     ``promo_worker_ready 0`` with a fresh heartbeat (up, but not ready). A contradiction
-    between the settings and the cluster (:class:`TopicConfigError`) is raised at once.
+    between the settings and the cluster (:class:`TopicConfigError`) or a broker refusing
+    the worker's credentials (:class:`BrokerRefused`) is raised at once.
     """
     delay, attempt = 1.0, 0
     while True:
@@ -75,6 +76,7 @@ def wait_for_broker(settings: Settings, metrics: Metrics,
                 log.info("broker reachable", extra={"attempts": attempt + 1})
             return
         except (KafkaError, BrokerNotReady) as exc:
+            asyncio.run(probe(settings.kafka))  # refused, not absent: raises BrokerRefused
             attempt += 1
             log.warning("cannot reach Kafka at %s (attempt %d: %s); retrying in %.0f s",
                         settings.kafka.bootstrap_servers, attempt, exc, delay)

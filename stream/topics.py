@@ -36,6 +36,38 @@ class BrokerNotReady(RuntimeError):
     """The broker answers but the topics have no leaders yet: try again shortly."""
 
 
+class BrokerRefused(RuntimeError):
+    """A broker answered and refused us (credentials, TLS): retrying will not help."""
+
+
+async def probe(kafka: KafkaSettings, timeout_s: float = 10.0) -> None:
+    """Connect once to each bootstrap server until one answers, to tell a broker that is not
+    there (retry later) from one that refuses us (raise :class:`BrokerRefused`), which the
+    client's own bootstrap reports the same way."""
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
+    kwargs = client_kwargs(kafka)
+    kwargs.pop("bootstrap_servers")
+    for server in kafka.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            try:
+                conn = await create_conn(host, int(port),
+                                         request_timeout_ms=int(timeout_s * 1000), **kwargs)
+            except ssl.SSLError:
+                raise  # an OSError too, but a refusal: the certificates do not match
+            except (TimeoutError, KafkaConnectionError, OSError, ValueError):
+                continue  # not there (or not yet)
+        except (KafkaError, ssl.SSLError) as exc:
+            raise BrokerRefused(
+                f"{server} refused the connection ({type(exc).__name__}: {exc}); check "
+                "kafka.security_protocol, kafka.sasl_username / sasl_password(_file) and "
+                "kafka.ssl_cafile") from exc
+        conn.close()
+        return
+
+
 def expected_partition(key: bytes, partitions: int) -> int:
     """The partition a user's records belong on: the Java client's default partitioner
     (``murmur2(key) & 0x7fffffff % partitions``), which aiokafka and librdkafka's
@@ -138,7 +170,10 @@ async def ensure_topics(kafka: KafkaSettings, *, app_id: str | None = None,
         missing = [s for s in specs if s.name not in existing]
         created: list[str] = []
         if missing:
-            new = [NewTopic(s.name, s.partitions, kafka.replication_factor, topic_configs=s.config)
+            brokers = len((await admin.describe_cluster())["brokers"])
+            copies, in_sync = replication(kafka.replication_factor, brokers)
+            new = [NewTopic(s.name, s.partitions, copies,
+                            topic_configs=s.config | {"min.insync.replicas": str(in_sync)})
                    for s in missing]
             try:
                 response = await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
@@ -156,6 +191,14 @@ async def ensure_topics(kafka: KafkaSettings, *, app_id: str | None = None,
         return created
     finally:
         await admin.close()
+
+
+def replication(configured: int, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for new topics. ``configured`` 0 follows the
+    cluster: three copies where there are three brokers or more, two of which must have a
+    write before it counts, so one broker can die without losing data or stopping writes."""
+    copies = configured or min(3, max(1, brokers))
+    return copies, 2 if copies >= 3 else 1
 
 
 async def _check_partitions(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
@@ -183,3 +226,54 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeou
         if asyncio.get_running_loop().time() > deadline:
             raise BrokerNotReady(f"topics {names} have no leaders after {timeout_s}s")
         await asyncio.sleep(0.2)
+
+
+async def produce_records(kafka: KafkaSettings, topic: str,
+                          records: list[tuple[bytes, bytes | None]]) -> int:
+    """Produce keyed records (a None value is a tombstone) and wait until the broker has all
+    of them (acks=all, idempotent); the number produced."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(**client_kwargs(kafka), acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*sent)
+        return len(sent)
+    finally:
+        await producer.stop()
+
+
+async def read_compacted(kafka: KafkaSettings, topic: str) -> dict[bytes, bytes]:
+    """The latest value of every key of a compacted topic, read from its start to the end
+    offsets taken when reading began (tombstoned keys left out)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None,
+                                enable_auto_commit=False, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic)
+                                                           or await _partitions(consumer, topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        latest: dict[bytes, bytes | None] = {}
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            for part in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in part:
+                    if record.key is not None:
+                        latest[record.key] = record.value
+        return {key: value for key, value in latest.items() if value is not None}
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: Any, topic: str) -> set[int]:
+    """A topic's partitions once the consumer's metadata knows it (fetched on demand)."""
+    await consumer._client.force_metadata_update()
+    partitions: set[int] = consumer.partitions_for_topic(topic) or set()
+    if not partitions:
+        raise TopicConfigError(f"topic {topic!r} does not exist (run a worker once, or "
+                               "`promo replay`, to create the topics)")
+    return partitions

@@ -20,6 +20,9 @@ from encoder.data import Interaction
 from stream.config import Settings, as_environment
 
 PROMO = str(Path(sys.executable).with_name("promo"))
+# Files in the research datasets' formats, written for the tests (ours to ship); the
+# Instacart sample comes with the project (encoder/data.py says from where).
+FIXTURE_DATASETS = Path(__file__).resolve().parent / "fixtures" / "datasets"
 
 
 async def produce_raw(bootstrap: str, topic: str,
@@ -81,11 +84,12 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
 class PromoProcess:
     """A `promo` subcommand running in the background, stopped with SIGTERM."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path,
+                 cwd: Path | None = None) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([PROMO, *args], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

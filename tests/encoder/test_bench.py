@@ -27,9 +27,9 @@ def test_speed_bench_quick_mode(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quality_bench_quick_mode(tmp_path: Path) -> None:
     last_line, _ = run_bench("encoder_quality.py", tmp_path, "--threads", "2")
-    assert "encoder_ml-100k_full_ndcg10_types_vs_no_types=" in last_line
+    assert "encoder_instacart_full_ndcg10_types_vs_no_types=" in last_line
     result = json.loads((tmp_path / "encoder_quality_quick.json").read_text())
-    run = result["runs"]["ml-100k-types"]
+    run = result["runs"]["instacart-types"]
     assert set(run["test"]) == {"model", "popularity"}
     assert run["test_95ci"]["model"]["full"]["NDCG@10"][0] <= \
         run["test"]["model"]["full"]["NDCG@10"] <= run["test_95ci"]["model"]["full"]["NDCG@10"][1]

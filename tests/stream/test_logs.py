@@ -32,6 +32,25 @@ def test_pseudonyms_are_stable_salted_and_not_the_id(monkeypatch: pytest.MonkeyP
     assert user_ref("jane@example.com") != ref
 
 
+def test_retried_broker_start_up_errors_are_not_reported_as_errors(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from stream.logs import configure
+
+    configure("info")
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    coordinator.error("Error sending JoinGroupRequest: [Error 15] "
+                      "GroupCoordinatorNotAvailableError: promo-stream")
+    coordinator.error("something else went wrong")
+    configure("debug")
+    coordinator.error("GroupCoordinatorNotAvailableError again")
+    printed = capsys.readouterr().err
+    assert "JoinGroupRequest" not in printed  # at info level: not shown at all
+    assert "ERROR aiokafka.consumer.group_coordinator: something else went wrong" in printed
+    assert "DEBUG aiokafka.consumer.group_coordinator: GroupCoordinatorNotAvailableError" in \
+        printed
+    configure("info")
+
+
 def test_json_lines_carry_extra_fields() -> None:
     record = logging.LogRecord("promo", logging.INFO, __file__, 1, "batch %d", (7,), None)
     record.user = user_ref("jane@example.com")

@@ -14,7 +14,7 @@ from encoder.data import load_dataset
 from stream.config import Settings
 from stream.events import Event, parse_event
 from stream.replay import to_events
-from tests.support import PROMO, consume_all, settings_env
+from tests.support import FIXTURE_DATASETS, PROMO, consume_all, settings_env
 
 pytestmark = pytest.mark.kafka
 
@@ -32,8 +32,8 @@ def by_user(events: list[Event]) -> dict[str, list[str]]:
 
 
 def test_replayed_events_round_trip_in_each_users_order(settings: Settings) -> None:
-    expected = list(to_events(load_dataset("rees46"), id_prefix="rees46"))
-    done = run_replay(settings, "rees46")
+    expected = list(to_events(load_dataset("rees46", FIXTURE_DATASETS), id_prefix="rees46"))
+    done = run_replay(settings, "rees46", "--datasets-dir", str(FIXTURE_DATASETS))
     assert done.returncode == 0, done.stderr
     assert f"replayed {len(expected)} events" in done.stdout
 

@@ -22,6 +22,7 @@ from stream.policy import Preferences
 from stream.replay import to_events
 from stream.topics import TABLES, changelog_topic, ensure_topics, repartition_topic
 from tests.support import (
+    FIXTURE_DATASETS,
     PromoProcess,
     consume_all,
     produce_raw,
@@ -82,13 +83,16 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[tuple[PromoProcess, i
 
 def test_mixed_stream_good_counted_bad_dead_lettered(settings: Settings, worker) -> None:
     proc, port = worker
-    good = list(to_events(load_dataset("rees46"), id_prefix="rees46", clock=now_ms))
+    # A site log's shape (views, carts, purchases with prices and categories) and real carts.
+    rows = load_dataset("rees46", FIXTURE_DATASETS) + load_dataset("instacart")[:900]
+    good = list(to_events(rows, id_prefix="mixed", clock=now_ms))
     bad = malformed_records()
     records: list[tuple[bytes | None, bytes | None]] = []
+    step = len(good) // len(bad)
     for i, event in enumerate(good):  # interleave the bad among the good
         records.append((event.user_id.encode(), event.to_json()))
-        if i % 60 == 0 and i // 60 < len(bad):
-            key, value, _ = bad[i // 60]
+        if i % step == 0 and i // step < len(bad):
+            key, value, _ = bad[i // step]
             records.append((key, value))
     assert len(records) == len(good) + len(bad)
     asyncio.run(produce_raw(settings.kafka.bootstrap_servers, settings.kafka.events_topic,
