@@ -139,10 +139,11 @@ class PolicyConfig:
     # Push ranking adds w * log(1 + n) to an item's score for n occurrences in the user's
     # recent sequence (policy.repeat_boost); 0 ranks by the encoder alone.
     push_repeat_weight: NonNegative = 1.0
-    # Propensity above `no_coupon_propensity` gets no coupon; above `half_discount_propensity`
-    # gets half the coupon's value.
-    no_coupon_propensity: Share = 0.8
-    half_discount_propensity: Share = 0.5
+    # Propensity (0-1) at or above `no_coupon_propensity` gets no coupon; at or above
+    # `half_discount_propensity` gets half the coupon's value. A threshold above 1 (inf
+    # included) turns that gate off.
+    no_coupon_propensity: NonNegative = 0.8
+    half_discount_propensity: NonNegative = 0.5
     # Platt calibration of the behavioural propensity score, fitted by `promo simulate` on
     # held-out data (it prints the values); 1 and 0 leave the score as it is.
     propensity_logit_scale: Positive = 1.0

@@ -154,13 +154,25 @@ def _ids(values: Any, name: str) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _is_time_zone(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Preferences:
     """From the compacted `user-preferences` topic (value = JSON, key = user_id).
 
     A flag the record leaves out (or sets to null) is not stated: the user then gets
     ``policy.default_push_opt_in`` / ``default_coupon_opt_in``, exactly as a user with no
-    record at all. A stated flag always wins.
+    record at all. A stated flag always wins. A time zone that is not a known IANA name
+    is an error for `promo preferences publish` (``strict``); a worker reading such a record
+    keeps its flags and uses ``policy.default_timezone``.
     """
 
     push_opt_in: bool | None
@@ -188,14 +200,13 @@ class Preferences:
                 raise ValueError(f"{name} must be true, false or absent, not {value!r}")
             flags[name] = value
         timezone = body.get("timezone") or None
-        if timezone is not None:
-            if not isinstance(timezone, str):
-                raise ValueError("timezone must be a string")
-            try:
-                zoneinfo.ZoneInfo(timezone)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        if timezone is not None and not _is_time_zone(timezone):
+            if strict:
                 raise ValueError(f"timezone {timezone!r} is not an IANA time zone "
-                                 "(e.g. Europe/Berlin)") from None
+                                 "(e.g. Europe/Berlin)")
+            # The worker keeps the consent flags of such a record: losing an opt-out over
+            # a zone this machine's tz database does not know would be the worse error.
+            timezone = None
         return cls(push_opt_in=flags["push_opt_in"], coupon_opt_in=flags["coupon_opt_in"],
                    timezone=timezone)
 

@@ -21,7 +21,7 @@ from encoder.model import EncoderConfig, EncoderModel
 from encoder.vocab import Vocabulary
 from stream.config import Settings, load_settings
 from stream.topics import ensure_topics
-from tests.support import PromoProcess
+from tests.support import FIXTURE_DATASETS, PromoProcess
 from tests.workers import worker_env
 
 
@@ -61,7 +61,7 @@ def build_checkpoint(out: Path, dataset: str = "instacart", seed: int = 0,
     """A small checkpoint over a real dataset's vocabulary and popularity, weights from
     ``seed``. The streaming tests check plumbing (vectors equal the offline encoder's, the
     version travels with decisions), which does not depend on how well the model ranks."""
-    rows = load_dataset(dataset)
+    rows = load_dataset(dataset, FIXTURE_DATASETS)  # instacart: the installed sample
     counts = Counter(r.item_id for r in rows)
     vocab = Vocabulary([item for item, _ in counts.most_common()], n_oov_buckets=16)
     torch.manual_seed(seed)

@@ -146,6 +146,7 @@ def test_campaigns_and_consent_from_files(settings, tmp_path: Path) -> None:
     consent.write_text("user_id,push_opt_in,coupon_opt_in,timezone\nu3,maybe,,\n")
     one_clear_line(promo("preferences", "publish", str(consent), env=env), "consent.csv:2",
                    "maybe")
-    consent.write_text('{"user_id": "u4", "timezone": "Mars/Olympus"}\n')
-    one_clear_line(promo("preferences", "publish", str(consent), env=env),
+    as_lines = tmp_path / "consent.jsonl"
+    as_lines.write_text('{"user_id": "u4", "timezone": "Mars/Olympus"}\n')
+    one_clear_line(promo("preferences", "publish", str(as_lines), env=env),
                    "not an IANA time zone")

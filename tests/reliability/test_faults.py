@@ -141,20 +141,16 @@ def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, settings: Set
         launcher.stop(tmp_path / "broker")
 
 
-async def replication_of(settings: Settings, topic: str) -> tuple[int, str]:
-    """(replicas of partition 0, min.insync.replicas) of a topic, as the cluster has them."""
-    from aiokafka.admin import AIOKafkaAdminClient, ConfigResource, ConfigResourceType
+def replication_of(settings: Settings, topic: str) -> tuple[int, str]:
+    """(replicas of partition 0, min.insync.replicas) of a topic, as the cluster reports them
+    to librdkafka's admin client."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        [described] = await admin.describe_topics([topic])
-        [config] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC,
-                                                                topic)])
-        entries = {name: value for name, value, *_ in config.resources[0][4]}
-        return len(described["partitions"][0]["replicas"]), entries["min.insync.replicas"]
-    finally:
-        await admin.close()
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    partition = admin.list_topics(topic, timeout=30).topics[topic].partitions[0]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    entries = admin.describe_configs([resource])[resource].result(timeout=30)
+    return len(partition.replicas), entries["min.insync.replicas"].value
 
 
 def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: Settings,
@@ -168,7 +164,7 @@ def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: 
     proc = None
     try:
         asyncio.run(ensure_topics(settings.kafka, app_id=settings.worker.app_id))
-        copies, in_sync = asyncio.run(replication_of(settings, settings.kafka.events_topic))
+        copies, in_sync = replication_of(settings, settings.kafka.events_topic)
         assert (copies, in_sync) == (3, "2")
         events = live_events(3000 * SCALE, "trio")
         proc, port = start_worker(settings, checkpoints["v1"], tmp_path / "worker.log")

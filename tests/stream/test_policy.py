@@ -148,6 +148,14 @@ def test_coupon_opt_out_leaves_a_push() -> None:
     assert "coupon_opted_out" in [r["code"] for r in d.reasons]
 
 
+def test_a_stored_record_with_an_unknown_time_zone_keeps_its_consent() -> None:
+    raw = orjson.dumps({"push_opt_in": False, "coupon_opt_in": False, "timezone": "Not/AZone"})
+    kept = Preferences.from_json(raw)
+    assert (kept.push_opt_in, kept.coupon_opt_in, kept.timezone) == (False, False, None)
+    with pytest.raises(ValueError, match="not an IANA time zone"):
+        Preferences.from_json(raw, strict=True)
+
+
 def test_holdout_is_a_deterministic_tenth_and_spends_nothing() -> None:
     share = np.mean([in_holdout(f"user-{n}", 10.0) for n in range(20_000)])
     assert 0.09 < share < 0.11
