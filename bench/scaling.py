@@ -59,7 +59,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from encoder.data import Interaction
 from stream import state as user_state
 from stream.config import Settings
-from stream.events import Event
+from stream.contracts import Event
 from stream.topics import ensure_topics
 
 

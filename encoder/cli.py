@@ -16,6 +16,7 @@ from encoder import data
 from encoder.checkpoint import CheckpointError
 from encoder.model import EncoderConfig
 from encoder.train import TrainConfig
+from encoder.vocab import EVENT_TYPES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,9 +108,9 @@ def _target_types(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None
     names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in data.EVENT_TYPES]
+    unknown = [t for t in names if t not in EVENT_TYPES]
     if unknown:
-        raise click.BadParameter(f"{', '.join(unknown)}: not in {', '.join(data.EVENT_TYPES)}",
+        raise click.BadParameter(f"{', '.join(unknown)}: not in {', '.join(EVENT_TYPES)}",
                                  param_hint="--target-types")
     return names
 

@@ -62,12 +62,10 @@ from typing import IO
 
 import numpy as np
 
-from encoder.vocab import Vocabulary
+from encoder.vocab import EVENT_TYPES, TYPE_IDS, Vocabulary
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")  # id = index + 1
-TYPE_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 = padding
 
 #: Event-type spellings seen in public logs, mapped to the contract's four types.
 TYPE_SYNONYMS: dict[str, str] = {

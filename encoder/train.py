@@ -57,7 +57,6 @@ import torch
 from tqdm import tqdm
 
 from encoder.data import (
-    EVENT_TYPES,
     EncodedSplit,
     Interaction,
     encode_split,
@@ -73,7 +72,7 @@ from encoder.evaluate import (
     sample_negatives,
 )
 from encoder.model import EncoderConfig, EncoderModel
-from encoder.vocab import Vocabulary
+from encoder.vocab import EVENT_TYPES, Vocabulary
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
-"""Item vocabulary: raw item ids <-> model indices, with hashed buckets for unknown items.
+"""The model's vocabularies: event types, and raw item ids <-> model indices.
 
-Index 0 is padding, 1..n_items are the known items in vocabulary order, and an unknown item maps
-to bucket ``n_items + 1 + item_key(id) mod n_oov_buckets``. The streaming worker keeps 64-bit
-:func:`item_key` values in user state instead of raw ids (8 bytes, fixed size), and this class
-maps those keys to indices with one vectorised search.
+Event types are the contract's four kinds of interaction; the model sees each as an id
+(``TYPE_IDS``, 0 being padding). The worker validates events against the same tuple.
+
+Items: index 0 is padding, 1..n_items are the known items in vocabulary order, and an unknown
+item maps to bucket ``n_items + 1 + item_key(id) mod n_oov_buckets``. The streaming worker
+keeps 64-bit :func:`item_key` values in user state instead of raw ids (8 bytes, fixed size),
+and :class:`Vocabulary` maps those keys to indices with one vectorised search.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")  # id = index + 1
+TYPE_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 = padding
 
 
 def item_key(item_id: str) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from stream.config import KafkaSettings
-from stream.policy import Coupon, Preferences
+from stream.contracts import Coupon, Preferences
 from stream.topics import ensure_topics, produce_records, read_compacted
 
 

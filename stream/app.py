@@ -35,12 +35,12 @@ from faust.types import TP
 from stream.batching import BatchingApp, BatchingConsumer
 from stream.catalog import CouponCatalog
 from stream.config import KafkaSettings, Settings, WorkerSettings
-from stream.events import Limits, Reason, Rejection, dead_letter
+from stream.contracts import Coupon, Limits, Preferences, Reason, Rejection, dead_letter
 from stream.exporter import write_snapshot
 from stream.metrics import MAX_CAMPAIGN_SERIES, Metrics
 from stream.models import ModelWatcher
 from stream.pipeline import OpenCart, Pipeline, Topics
-from stream.policy import Coupon, Preferences, partition_budget
+from stream.policy import partition_budget
 from stream.topics import expected_partition, repartition_topic, sasl_password, ssl_context
 
 log = logging.getLogger(__name__)

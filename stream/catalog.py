@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from stream.config import KafkaSettings
-from stream.policy import Coupon
+from stream.contracts import Coupon
 from stream.topics import client_kwargs
 
 log = logging.getLogger(__name__)

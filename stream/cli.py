@@ -530,7 +530,7 @@ def simulate(context: Context, dataset: str | None, interactions: Path | None, u
     from encoder.checkpoint import CheckpointError
     from encoder.inference import Encoder
     from stream import simulate as sim
-    from stream.policy import Coupon
+    from stream.contracts import Coupon
 
     def say(text: str) -> None:
         if progress:

@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.kafka import launcher
 from encoder.data import Interaction
 from stream.config import Settings, as_environment
-from stream.policy import Coupon, Preferences, daytime_timezone
+from stream.contracts import Coupon, Preferences
+from stream.policy import daytime_timezone
 from stream.replay import produce
 from stream.topics import client_kwargs, ensure_topics
 

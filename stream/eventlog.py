@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from encoder.data import DataError, Interaction
 from stream.config import ContractSettings, KafkaSettings
-from stream.events import Event, Limits, Rejection, parse_event
+from stream.contracts import Event, Limits, Rejection, parse_event
 from stream.topics import client_kwargs
 
 

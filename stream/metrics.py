@@ -23,15 +23,14 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from encoder.data import EVENT_TYPES
-from stream.events import Reason
+from stream.contracts import EVENT_TYPES, Action, Arm, Reason, TriggerKind
 
 # `*_created` series double the exposition for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-ACTIONS = ("coupon", "push", "none")
-ARMS = ("treatment", "holdout")
-TRIGGERS = ("cart_add", "repeat_views", "cart_abandoned")
+ACTIONS = tuple(Action)
+ARMS = tuple(Arm)
+TRIGGERS = (TriggerKind.CART_ADD, TriggerKind.REPEAT_VIEWS, TriggerKind.CART_ABANDONED)
 # Micro-batches and encoder calls take milliseconds to a few seconds.
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)

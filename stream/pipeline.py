@@ -59,10 +59,22 @@ import orjson
 
 from stream import policy, state
 from stream.config import PolicyConfig
-from stream.events import Event, Limits, Reason, Rejection, dead_letter, parse_event
+from stream.contracts import (
+    Coupon,
+    Decision,
+    Event,
+    Limits,
+    Preferences,
+    Reason,
+    Rejection,
+    Trigger,
+    TriggerKind,
+    dead_letter,
+    parse_event,
+)
 from stream.logs import user_ref
 from stream.metrics import Metrics
-from stream.policy import Coupon, CouponBudget, Decision, Preferences, Trigger
+from stream.policy import CouponBudget
 from stream.state import UserState
 from stream.topics import expected_partition
 
@@ -444,7 +456,7 @@ class Pipeline:
                     continue  # the entry stays: tried again after the quiet hours
                 # Named by the cart add that opened the cart: two carts opened at the same
                 # millisecond (a re-add after a reminder) are two reminders, two ids.
-                fired[user_id] = Trigger("cart_abandoned", f"cart:{cart.event_id}",
+                fired[user_id] = Trigger(TriggerKind.CART_ABANDONED, f"cart:{cart.event_id}",
                                          (cart.item_id,) if cart.item_id else (), cart.ts_ms)
                 continue
             triggers = policy.event_triggers(s, user.applied, cfg) if user.applied else []

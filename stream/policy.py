@@ -32,188 +32,26 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import numpy as np
-import orjson
 
 from encoder.vocab import item_key
 from stream.config import PolicyConfig
-from stream.events import Event
+from stream.contracts import (
+    FOREVER_MS,
+    Action,
+    Arm,
+    Coupon,
+    Decision,
+    Event,
+    Preferences,
+    Trigger,
+    TriggerKind,
+)
 from stream.state import TYPE_ID, UserState
 
 POLICY_VERSION = "policy-2"  # 2: push ranking adds the repeat prior
 
 
 # --- inputs ------------------------------------------------------------------------------------
-
-#: Valid-window bounds: epoch milliseconds; ``valid_to`` this far out means "no end".
-FOREVER_MS = 2**62
-MAX_ID_CHARS = 256
-
-
-@dataclass(frozen=True)
-class Coupon:
-    """A campaign from the compacted `coupons` topic (value = JSON, key = coupon_id).
-
-    ``value`` and ``budget`` are money in the shop's currency; ``valid_from`` / ``valid_to``
-    are epoch milliseconds (a file for `promo coupons publish` may give ISO-8601 text,
-    converted on the way in); no ``valid_to`` means no end, and then no pacing.
-    """
-
-    coupon_id: str
-    value: float  # money off per coupon; also what one issued coupon reserves from the budget
-    budget: float  # total money the campaign may give away
-    valid_from_ms: int = 0
-    valid_to_ms: int = FOREVER_MS
-    min_spend: float = 0.0
-    items: tuple[str, ...] = ()  # target items; with no items and no categories: any purchase
-    categories: tuple[str, ...] = ()
-    max_exposures: int = 0  # coupons that may be issued in total; 0 = no cap
-
-    def is_valid(self, now_ms: int) -> bool:
-        return self.valid_from_ms <= now_ms < self.valid_to_ms
-
-    @classmethod
-    def from_json(cls, coupon_id: str, raw: bytes, *, strict: bool = False) -> Coupon:
-        """Parse and check a campaign; ValueError says which field breaks which rule.
-
-        ``strict`` (what `promo coupons publish` uses) also refuses fields it does not know,
-        the likeliest typo; the worker reads leniently, so a newer producer's extra field
-        never stops a campaign.
-        """
-        body = orjson.loads(raw)
-        if not isinstance(body, dict):
-            raise ValueError("a campaign must be a JSON object")
-        return cls.from_fields(coupon_id, body, strict=strict)
-
-    @classmethod
-    def from_fields(cls, coupon_id: str, body: Mapping[str, Any], *,
-                    strict: bool = False) -> Coupon:
-        known = {"coupon_id", "value", "budget", "valid_from", "valid_to", "min_spend", "items",
-                 "categories", "max_exposures"}
-        if strict and set(body) - known:
-            raise ValueError(f"unknown fields {sorted(set(body) - known)} (known: "
-                             f"{', '.join(sorted(known))})")
-        if not coupon_id or len(coupon_id) > MAX_ID_CHARS or coupon_id.isspace():
-            raise ValueError(f"coupon_id must be 1-{MAX_ID_CHARS} characters")
-        if "value" not in body or "budget" not in body:
-            raise ValueError("value and budget are required")
-        value = _money(body["value"], "value", positive=True)
-        budget = _money(body["budget"], "budget", positive=True)
-        if budget < value:
-            raise ValueError(f"budget {budget:g} is below one coupon's value {value:g}")
-        valid_from = _epoch_ms(body.get("valid_from", 0), "valid_from")
-        valid_to = _epoch_ms(body.get("valid_to", FOREVER_MS), "valid_to")
-        if valid_to <= valid_from:
-            raise ValueError("valid_to must be after valid_from")
-        exposures = body.get("max_exposures", 0)
-        if not isinstance(exposures, int) or isinstance(exposures, bool) or exposures < 0:
-            raise ValueError(f"max_exposures must be a whole number >= 0, not {exposures!r}")
-        return cls(coupon_id=coupon_id, value=value, budget=budget, valid_from_ms=valid_from,
-                   valid_to_ms=valid_to,
-                   min_spend=_money(body.get("min_spend", 0.0), "min_spend", positive=False),
-                   items=_ids(body.get("items", ()), "items"),
-                   categories=_ids(body.get("categories", ()), "categories"),
-                   max_exposures=exposures)
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({
-            "value": self.value, "budget": self.budget, "valid_from": self.valid_from_ms,
-            "valid_to": self.valid_to_ms, "min_spend": self.min_spend, "items": self.items,
-            "categories": self.categories, "max_exposures": self.max_exposures})
-
-
-def _money(value: Any, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number, not {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, got {value}")
-    return float(value)
-
-
-def _epoch_ms(value: Any, name: str) -> int:
-    """Epoch milliseconds, or ISO-8601 text (files written by people); no zone means UTC."""
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"{name} {value!r} is neither epoch milliseconds nor ISO-8601 "
-                             "(2026-12-24T00:00:00Z)") from None
-        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-        return round(moment.timestamp() * 1000)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= FOREVER_MS:
-        raise ValueError(f"{name} must be epoch milliseconds (a whole number, 0 to 2^62), "
-                         f"not {value!r}")
-    if 0 < value < 100_000_000_000:  # before 1973 in ms: seconds, surely
-        raise ValueError(f"{name} {value} looks like epoch seconds; give milliseconds")
-    return value
-
-
-def _ids(values: Any, name: str) -> tuple[str, ...]:
-    if not isinstance(values, list | tuple) or not all(
-            isinstance(v, str) and 0 < len(v) <= MAX_ID_CHARS for v in values):
-        raise ValueError(f"{name} must be a list of ids (strings of 1-{MAX_ID_CHARS} chars)")
-    return tuple(values)
-
-
-def _is_time_zone(name: Any) -> bool:
-    if not isinstance(name, str):
-        return False
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class Preferences:
-    """From the compacted `user-preferences` topic (value = JSON, key = user_id).
-
-    A flag the record leaves out (or sets to null) is not stated: the user then gets
-    ``policy.default_push_opt_in`` / ``default_coupon_opt_in``, exactly as a user with no
-    record at all. A stated flag always wins. A time zone that is not a known IANA name
-    is an error for `promo preferences publish` (``strict``); a worker reading such a record
-    keeps its flags and uses ``policy.default_timezone``.
-    """
-
-    push_opt_in: bool | None
-    coupon_opt_in: bool | None
-    timezone: str | None = None
-
-    @classmethod
-    def from_json(cls, raw: bytes, *, strict: bool = False) -> Preferences:
-        """Parse and check a preferences record. Raises ValueError naming the field."""
-        body = orjson.loads(raw)
-        if not isinstance(body, dict):
-            raise ValueError("preferences must be a JSON object")
-        return cls.from_fields(body, strict=strict)
-
-    @classmethod
-    def from_fields(cls, body: Mapping[str, Any], *, strict: bool = False) -> Preferences:
-        known = {"user_id", "push_opt_in", "coupon_opt_in", "timezone"}
-        if strict and set(body) - known:
-            raise ValueError(f"unknown fields {sorted(set(body) - known)} (known: "
-                             f"{', '.join(sorted(known))})")
-        flags = {}
-        for name in ("push_opt_in", "coupon_opt_in"):
-            value = body.get(name)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"{name} must be true, false or absent, not {value!r}")
-            flags[name] = value
-        timezone = body.get("timezone") or None
-        if timezone is not None and not _is_time_zone(timezone):
-            if strict:
-                raise ValueError(f"timezone {timezone!r} is not an IANA time zone "
-                                 "(e.g. Europe/Berlin)")
-            # The worker keeps the consent flags of such a record: losing an opt-out over
-            # a zone this machine's tz database does not know would be the worse error.
-            timezone = None
-        return cls(push_opt_in=flags["push_opt_in"], coupon_opt_in=flags["coupon_opt_in"],
-                   timezone=timezone)
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({"push_opt_in": self.push_opt_in,
-                             "coupon_opt_in": self.coupon_opt_in, "timezone": self.timezone})
-
 
 @dataclass
 class CouponBudget:
@@ -276,46 +114,6 @@ class ItemModel(Protocol):
     def popular_items(self, k: int) -> np.ndarray: ...
 
 
-# --- outputs -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Trigger:
-    kind: str  # cart_add | repeat_views | cart_abandoned
-    event_id: str  # the event (or cart) that fired it: part of the decision id
-    items: tuple[str, ...]  # raw item ids involved
-    ts_ms: int  # event time of what fired it
-
-
-@dataclass(frozen=True)
-class Decision:
-    decision_id: str
-    user_id: str
-    action: str  # coupon | push | none
-    arm: str  # treatment | holdout
-    # The ranking score of what was chosen: the coupon's affinity, or for a push the
-    # top-ranked candidate's encoder score plus its repeat prior (push_repeat_weight x log(1 + n)).
-    score: float
-    reasons: list[dict[str, Any]]
-    model_version: str
-    policy_version: str
-    trigger_event_id: str
-    created_at: int
-    coupon: dict[str, Any] | None = None
-    push: dict[str, Any] | None = None
-
-    @property
-    def to_send(self) -> bool:
-        return self.arm == "treatment" and self.action != "none"
-
-    def to_json(self) -> bytes:
-        return orjson.dumps({
-            "decision_id": self.decision_id, "user_id": self.user_id, "action": self.action,
-            "coupon": self.coupon, "push": self.push, "score": round(self.score, 6),
-            "reasons": self.reasons, "arm": self.arm, "model_version": self.model_version,
-            "policy_version": self.policy_version, "trigger_event_id": self.trigger_event_id,
-            "created_at": self.created_at})
-
-
 def decision_id(user_id: str, trigger: Trigger, policy_version: str = POLICY_VERSION) -> str:
     """Deterministic: the same trigger decided again (a replay, a retry) has the same id."""
     text = f"{user_id}\x1f{trigger.kind}\x1f{trigger.event_id}\x1f{policy_version}"
@@ -336,7 +134,7 @@ def event_triggers(state: UserState, new_events: Sequence[Event],
     carts = [e for e in new_events if e.type == "add_to_cart"]
     if carts:
         last = carts[-1]
-        triggers.append(Trigger("cart_add", last.event_id, (last.item_id,), last.ts))
+        triggers.append(Trigger(TriggerKind.CART_ADD, last.event_id, (last.item_id,), last.ts))
     views = [e for e in new_events if e.type == "view"]
     if views:
         view_type = TYPE_ID["view"]
@@ -344,7 +142,7 @@ def event_triggers(state: UserState, new_events: Sequence[Event],
                          if t == view_type)
         for event in reversed(views):
             if counts.get(item_key(event.item_id), 0) >= config.repeat_view_threshold:
-                triggers.append(Trigger("repeat_views", event.event_id, (event.item_id,),
+                triggers.append(Trigger(TriggerKind.REPEAT_VIEWS, event.event_id, (event.item_id,),
                                         event.ts))
                 break
     return triggers
@@ -466,7 +264,7 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
     def none(*codes: str) -> Decision:
         for code in codes:
             reasons.append({"code": code})
-        return _decision(user_id, trigger, "none", 0.0, reasons, holdout, ctx)
+        return _decision(user_id, trigger, Action.NONE, 0.0, reasons, holdout, ctx)
 
     timezone = (prefs.timezone if prefs and prefs.timezone else cfg.default_timezone)
     if in_quiet_hours(ctx.now_ms, timezone, cfg):
@@ -485,7 +283,7 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
                     ctx.budgets[coupon.coupon_id].issue(amount)
                 payload = {"coupon_id": coupon.coupon_id, "discount": round(amount, 2),
                            "min_spend": coupon.min_spend, "expires_at": coupon.valid_to_ms}
-                return _decision(user_id, trigger, "coupon", score, reasons, holdout, ctx,
+                return _decision(user_id, trigger, Action.COUPON, score, reasons, holdout, ctx,
                                  coupon=payload)
     elif not coupon_ok:
         blocked.append("coupon_opted_out")
@@ -500,17 +298,17 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
     for code in blocked:
         reasons.append({"code": code})
     template = "cart_reminder" if trigger.kind == "cart_abandoned" else "recommendation"
-    return _decision(user_id, trigger, "push", score, reasons, holdout, ctx,
+    return _decision(user_id, trigger, Action.PUSH, score, reasons, holdout, ctx,
                      push={"template": template, "items": items})
 
 
-def _decision(user_id: str, trigger: Trigger, action: str, score: float,
+def _decision(user_id: str, trigger: Trigger, action: Action, score: float,
               reasons: list[dict[str, Any]], holdout: bool, ctx: Context,
               coupon: dict[str, Any] | None = None,
               push: dict[str, Any] | None = None) -> Decision:
     return Decision(
         decision_id=decision_id(user_id, trigger), user_id=user_id, action=action,
-        arm="holdout" if holdout else "treatment", score=float(score), reasons=reasons,
+        arm=Arm.HOLDOUT if holdout else Arm.TREATMENT, score=float(score), reasons=reasons,
         model_version=ctx.model.model_version if ctx.model else "none",
         policy_version=POLICY_VERSION, trigger_event_id=trigger.event_id,
         created_at=ctx.now_ms, coupon=coupon, push=push)

@@ -1,6 +1,6 @@
 """Replay a real interaction dataset into the `events` topic as contract events.
 
-Datasets are read in place (``encoder.data``), turned into :class:`~stream.events.Event`s keyed
+Datasets are read in place (``encoder.data``), turned into :class:`~stream.contracts.Event`s keyed
 by user id, and produced in the dataset's time order, so each user's events arrive in that user's
 order. With ``clock="now"`` every event is stamped with the wall-clock time at which it is sent
 (the stream then looks live, and event-time latency means something); ``clock="dataset"`` keeps
@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 
 from encoder.data import Interaction
 from stream.config import KafkaSettings
-from stream.events import Event
+from stream.contracts import Event
 from stream.topics import client_kwargs, ensure_topics
 
 

@@ -59,14 +59,11 @@ from encoder.data import Interaction
 from encoder.vocab import item_key
 from stream import state as user_state
 from stream.config import PolicyConfig
-from stream.events import Event
+from stream.contracts import Coupon, Decision, Event, Trigger, TriggerKind
 from stream.policy import (
     Context,
-    Coupon,
     CouponBudget,
-    Decision,
     ItemModel,
-    Trigger,
     calibrated,
     cart_abandoned,
     decide,
@@ -272,7 +269,8 @@ def collect_moments(before: Sequence[Interaction], after: Sequence[Interaction],
         if cart_abandoned(st, it.ts_ms, cfg):
             at = st.cart_ts_ms + int(cfg.cart_abandon_seconds * 1000)
             cart = carts.get(it.user_id)
-            add(it.user_id, st, Trigger("cart_abandoned", f"cart:{cart.event_id if cart else ''}",
+            add(it.user_id, st, Trigger(TriggerKind.CART_ABANDONED,
+                                        f"cart:{cart.event_id if cart else ''}",
                                         (cart.item_id,) if cart else (), at), at, position)
             st.cart_reminded = True
         future[it.user_id].append(it)
@@ -283,7 +281,7 @@ def collect_moments(before: Sequence[Interaction], after: Sequence[Interaction],
         opened = user_state.open_cart_event(st, applied)
         if opened is not None:
             carts[it.user_id] = opened
-        triggers = ([Trigger("visit", event.event_id, (event.item_id,), event.ts)]
+        triggers = ([Trigger(TriggerKind.VISIT, event.event_id, (event.item_id,), event.ts)]
                     if every_event else event_triggers(st, applied, cfg))
         for trigger in triggers[:1]:  # the worker decides a user's strongest trigger only
             add(it.user_id, st, trigger, it.ts_ms, position + 1)

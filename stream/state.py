@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from encoder.data import EVENT_TYPES
 from encoder.vocab import item_key
-from stream.events import Event
+from stream.contracts import DAY_MS, EVENT_TYPES, Event
 
 FORMAT_VERSION = 3
 DEFAULT_MAX_LEN = 50
@@ -41,7 +40,6 @@ DEFAULT_MAX_LEN = 50
 DEDUP_WINDOW = 22
 CHANNELS = ("push", "coupon")
 TYPE_ID = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 is the model's padding
-DAY_MS = 86_400_000
 _U32_MAX = 2**32 - 1
 
 

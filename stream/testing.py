@@ -21,10 +21,9 @@ from typing import Any
 import orjson
 
 from stream.config import PolicyConfig
-from stream.events import Limits
+from stream.contracts import Coupon, Limits, Preferences
 from stream.metrics import Metrics
 from stream.pipeline import BatchResult, OpenCart, Pipeline, Topics
-from stream.policy import Coupon, Preferences
 from stream.topics import expected_partition
 
 TOPICS = Topics(events="events", repartition="promo-events-repartition", dlq="events.dlq",

@@ -19,10 +19,10 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from stream.config import KafkaSettings
+from stream.contracts import DAY_MS
 
 log = logging.getLogger(__name__)
 
-DAY_MS = 24 * 3600 * 1000
 
 _HOME_CACHE: dict[tuple[bytes, int], int] = {}
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies built from the event contract's own limits (stream/events.py), not
+"""Hypothesis strategies built from the event contract's own limits (stream/contracts.py), not
 from the datasets: any Unicode in ids up to their limits, boundary timestamps, every event
 type, optional fields present or not, unknown extra fields."""
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from stream.events import EVENT_TYPES, MAX_ID_LENGTH, SCHEMA_VERSION, Event, Limits
+from stream.contracts import EVENT_TYPES, MAX_ID_LENGTH, SCHEMA_VERSION, Event, Limits
 
 NOW_MS = 1_780_000_000_000
 LIMITS = Limits()
@@ -49,7 +49,7 @@ def event_bodies(user_id: st.SearchStrategy[str] | None = None,
 
 def events(user_id: st.SearchStrategy[str] | None = None,
            item_id: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[Event]:
-    """Events as the contract parses them (what :func:`stream.events.parse_event` returns)."""
+    """Events as the contract parses them (what :func:`stream.contracts.parse_event` returns)."""
     return event_bodies(user_id, item_id).map(lambda b: Event(
         event_id=b["event_id"], user_id=b["user_id"], type=b["type"], item_id=b["item_id"],
         ts=b["ts"], price=None if b.get("price") is None else float(b["price"]),

@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 
 from stream.config import Settings
-from stream.events import Event
-from stream.policy import Coupon, Preferences, daytime_timezone
+from stream.contracts import Coupon, Event, Preferences
+from stream.policy import daytime_timezone
 from tests.support import consume_all, produce_raw, scrape, settings_env, wait_until
 
 

@@ -24,8 +24,7 @@ import pytest
 from deploy.kafka.launcher import free_port
 from encoder.data import load_dataset
 from stream.config import Settings
-from stream.events import Event
-from stream.policy import Coupon, Preferences
+from stream.contracts import Coupon, Event, Preferences
 from stream.replay import to_events
 from stream.topics import ensure_topics
 from tests.prometheus import Prometheus

@@ -17,8 +17,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from stream import state as user_state
 from stream.config import Settings
-from stream.events import Event
-from stream.policy import Coupon
+from stream.contracts import Coupon, Event
 from stream.topics import client_kwargs
 from tests.support import consume_all
 

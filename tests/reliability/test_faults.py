@@ -22,8 +22,7 @@ import pytest
 from deploy.kafka import launcher
 from encoder.data import load_dataset
 from stream.config import Settings
-from stream.events import Event, Reason
-from stream.policy import Coupon
+from stream.contracts import Coupon, Event, Reason
 from stream.replay import to_events
 from stream.topics import ensure_topics
 from tests.reliability.harness import (

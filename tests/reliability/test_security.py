@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 
 from deploy.kafka import launcher
 from stream.config import Settings, load_settings
-from stream.events import Event
+from stream.contracts import Event
 from stream.topics import client_kwargs, ensure_topics
 from tests.support import PromoProcess, wait_until
 from tests.workers import accounted, worker_env

@@ -19,7 +19,8 @@ from encoder.inference import Encoder, item_key
 from encoder.model import EncoderConfig
 from encoder.train import TrainConfig, train
 from stream.config import PolicyConfig
-from stream.policy import Context, Trigger, decide
+from stream.contracts import Trigger
+from stream.policy import Context, decide
 from stream.state import TYPE_ID, UserState
 from tests.support import first_users
 

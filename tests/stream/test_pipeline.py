@@ -12,12 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stream import contracts, policy, state
 from stream import pipeline as pipeline_module
-from stream import policy, state
 from stream.config import PolicyConfig
-from stream.events import Event
+from stream.contracts import Coupon, Event
 from stream.pipeline import TIMER_SOURCE
-from stream.policy import Coupon
 from stream.testing import TOPICS, Consumed, Harness, MemoryStore, tiny_encoder
 from stream.topics import expected_partition
 from tests.strategies import NOW_MS, event_bodies, ids
@@ -147,7 +146,7 @@ def test_a_timer_decision_that_raises_is_dead_lettered_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     decide = policy.decide
 
-    def broken(user_id: str, s: Any, vector: Any, trigger: policy.Trigger, *args: Any,
+    def broken(user_id: str, s: Any, vector: Any, trigger: contracts.Trigger, *args: Any,
                **kwargs: Any) -> Any:
         if trigger.kind == "cart_abandoned" and user_id == "unlucky":
             raise KeyError("broken reminder")
@@ -242,7 +241,7 @@ def test_the_handler_never_raises_and_accounts_for_every_record(data: st.DataObj
     h = Harness(policy=CART, encoder=ENCODER, coupons=COUPONS, now_ms=NOW_MS, partitions=3)
     for user in users[: data.draw(st.integers(0, len(users)))]:
         h.set_preferences(user, data.draw(st.builds(
-            policy.Preferences, st.booleans(), st.booleans(),
+            contracts.Preferences, st.booleans(), st.booleans(),
             st.sampled_from([None, "Europe/Berlin", "Not/AZone"]))))
     for _batch in range(data.draw(st.integers(1, 4))):
         raw = data.draw(st.lists(st.one_of(_valid(users), _garbage()), max_size=25))

@@ -12,13 +12,10 @@ import pytest
 
 from encoder.inference import item_key
 from stream.config import PolicyConfig
-from stream.events import Event
+from stream.contracts import Coupon, Event, Preferences, Trigger
 from stream.policy import (
     POLICY_VERSION,
     Context,
-    Coupon,
-    Preferences,
-    Trigger,
     cart_abandoned,
     decide,
     event_triggers,

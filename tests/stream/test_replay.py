@@ -12,7 +12,7 @@ import pytest
 
 from encoder.data import load_dataset
 from stream.config import Settings
-from stream.events import Event, parse_event
+from stream.contracts import Event, parse_event
 from stream.replay import to_events
 from tests.support import FIXTURE_DATASETS, PROMO, consume_all, settings_env
 

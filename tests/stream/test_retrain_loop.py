@@ -15,7 +15,7 @@ import pytest
 from encoder.checkpoint import load
 from encoder.data import load_dataset
 from stream.config import Settings
-from stream.events import Event
+from stream.contracts import Event
 from stream.replay import produce
 from tests.conftest import build_checkpoint
 from tests.support import PROMO, first_users, settings_env, wait_until

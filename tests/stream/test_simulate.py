@@ -18,8 +18,8 @@ from encoder.data import Interaction, load_dataset
 from encoder.inference import Encoder
 from stream import simulate as sim
 from stream.config import PolicyConfig
+from stream.contracts import Coupon, Decision
 from stream.eventlog import write_csv
-from stream.policy import Coupon, Decision
 from tests.support import PROMO, first_users
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encoder.vocab import item_key
-from stream.events import Event
+from stream.contracts import Event
 from stream.state import (
     DEDUP_WINDOW,
     TYPE_ID,

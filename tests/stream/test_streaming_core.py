@@ -18,8 +18,8 @@ from encoder.data import load_dataset
 from encoder.inference import Encoder
 from stream import state as user_state
 from stream.config import PolicyConfig, Settings
-from stream.events import Event
-from stream.policy import Coupon, Preferences, in_holdout, in_quiet_hours
+from stream.contracts import Coupon, Event, Preferences
+from stream.policy import in_holdout, in_quiet_hours
 from stream.replay import to_events
 from stream.topics import ensure_topics
 from tests.support import PromoProcess, consume_all, sample, scrape, wait_until

@@ -19,8 +19,8 @@ from confluent_kafka import Consumer, Producer
 
 from deploy.kafka.launcher import free_port
 from stream.config import Settings
-from stream.events import Event
-from stream.policy import Preferences, daytime_timezone
+from stream.contracts import Event, Preferences
+from stream.policy import daytime_timezone
 from stream.topics import ensure_topics, expected_partition
 from tests.reliability.harness import committed_everything
 from tests.support import PromoProcess, produce_raw, sample, scrape, wait_until

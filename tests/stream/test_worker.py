@@ -17,8 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from deploy.kafka.launcher import free_port
 from encoder.data import load_dataset
 from stream.config import Settings
-from stream.events import Event, Reason
-from stream.policy import Preferences
+from stream.contracts import Event, Preferences, Reason
 from stream.replay import to_events
 from stream.topics import TABLES, changelog_topic, ensure_topics, repartition_topic
 from tests.support import (

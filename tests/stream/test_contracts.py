@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from stream.contracts import (
     Event,
     Limits,
     Reason,

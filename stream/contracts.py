@@ -1,0 +1,463 @@
+"""What travels on every topic, and the vocabularies the records use: one home for the contract.
+
+- ``events`` (in): :func:`parse_event` turns bytes into an :class:`Event` or a :class:`Rejection`
+  whose :class:`Reason` goes to the dead-letter topic with :func:`dead_letter`.
+- ``coupons`` and ``user-preferences`` (in, compacted): :class:`Coupon`, :class:`Preferences`.
+- ``decisions`` (out): :class:`Decision`, fired by a :class:`Trigger`; its ``action``, ``arm``
+  and trigger ``kind`` are the :class:`Action`, :class:`Arm` and :class:`TriggerKind` values.
+
+Event types are the model's vocabulary (:data:`encoder.vocab.EVENT_TYPES`), re-exported here.
+
+Events
+------
+Producers send one JSON object per record, keyed by ``user_id`` (UTF-8)::
+
+    {"event_id": "e-1", "user_id": "u42", "type": "add_to_cart", "item_id": "sku-7",
+     "ts": 1732000000000, "price": 9.99, "quantity": 1, "category": "snacks",
+     "session_id": "s-1", "schema_version": 1}
+
+Required: ``event_id``, ``user_id``, ``type``, ``item_id`` (non-empty strings) and ``ts`` (event
+time, integer epoch milliseconds). Optional: ``price`` (number >= 0), ``quantity`` (integer >= 1),
+``category``, ``session_id`` (strings), ``schema_version`` (integer, default 1). Unknown fields
+are ignored, so producers can add fields before consumers know them.
+
+Parsing never raises: every way a record can be wrong has a named :class:`Reason`, so a bad
+record is routed to the dead-letter topic with that reason and counted, and the worker goes on.
+The order of the checks is the order of the reasons below; the first failure is reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import math
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from encoder.vocab import EVENT_TYPES
+from stream.config import ContractSettings
+
+__all__ = ["EVENT_TYPES", "Action", "Arm", "Coupon", "Decision", "Event", "Limits",
+           "Preferences", "Reason", "Rejection", "Trigger", "TriggerKind", "dead_letter",
+           "parse_event"]
+
+DAY_MS = 86_400_000
+
+SCHEMA_VERSION = 1
+MAX_ID_LENGTH = 256
+
+
+class Reason(enum.StrEnum):
+    """Why a record was rejected. The values are metric labels and DLQ fields: keep them stable."""
+
+    RECORD_TOO_LARGE = "record_too_large"
+    NOT_JSON = "not_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    UNSUPPORTED_SCHEMA_VERSION = "unsupported_schema_version"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    ANCIENT_TIMESTAMP = "ancient_timestamp"
+    KEY_MISMATCH = "key_mismatch"
+    # Decided by the user's state, not by the record alone: an event_id already applied.
+    DUPLICATE_EVENT = "duplicate_event"
+    # Valid, but processing it raised (retried first): kept here instead of crashing, with
+    # the exception's type, so the worker never stops or loops on one record.
+    PROCESSING_ERROR = "processing_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    user_id: str
+    type: str
+    item_id: str
+    ts: int
+    price: float | None = None
+    quantity: int | None = None
+    category: str | None = None
+    session_id: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        body: dict[str, Any] = {
+            "event_id": self.event_id, "user_id": self.user_id, "type": self.type,
+            "item_id": self.item_id, "ts": self.ts, "schema_version": self.schema_version,
+        }
+        for name in ("price", "quantity", "category", "session_id"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        return orjson.dumps(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: Reason
+    error: str  # for people: which field, what was wrong
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_record_bytes: int = 16 * 1024
+    max_future_skew_ms: int = 300_000
+    min_event_time_ms: int = 631_152_000_000  # 1990-01-01
+
+    @classmethod
+    def from_contract(cls, contract: ContractSettings) -> Limits:
+        return cls(max_record_bytes=contract.max_record_bytes,
+                   max_future_skew_ms=int(contract.max_future_skew_seconds * 1000),
+                   min_event_time_ms=contract.min_event_time_ms)
+
+
+_REQUIRED_STRINGS = ("event_id", "user_id", "type", "item_id")
+_OPTIONAL_STRINGS = ("category", "session_id")
+_TYPES = frozenset(EVENT_TYPES)
+
+
+def parse_event(raw: bytes | None, key: bytes | None, *, now_ms: int,
+                limits: Limits = Limits()) -> Event | Rejection:
+    """Decode and validate one record. ``key`` is the Kafka record key and must equal user_id."""
+    if raw is None:
+        return Rejection(Reason.NOT_JSON, "record has no value (tombstone)")
+    if len(raw) > limits.max_record_bytes:
+        return Rejection(Reason.RECORD_TOO_LARGE,
+                         f"{len(raw)} bytes > limit {limits.max_record_bytes}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Rejection(Reason.NOT_JSON, str(exc)[:200])
+    if not isinstance(body, dict):
+        return Rejection(Reason.NOT_AN_OBJECT, f"top-level JSON is {type(body).__name__}")
+
+    for name in (*_REQUIRED_STRINGS, "ts"):
+        if body.get(name) is None:
+            return Rejection(Reason.MISSING_FIELD, f"{name} is missing")
+    for name in _REQUIRED_STRINGS:
+        problem = _string_problem(body[name], name)
+        if problem is not None:
+            return problem
+    for name in _OPTIONAL_STRINGS:
+        if body.get(name) is not None:
+            problem = _string_problem(body[name], name)
+            if problem is not None:
+                return problem
+
+    ts = body["ts"]
+    if not _is_int(ts):
+        return Rejection(Reason.WRONG_TYPE, f"ts must be integer epoch milliseconds, "
+                                            f"not {type(ts).__name__}")
+    price = body.get("price")
+    if price is not None:
+        if not (_is_int(price) or isinstance(price, float)):
+            return Rejection(Reason.WRONG_TYPE,
+                             f"price must be a number, not {type(price).__name__}")
+        if price < 0 or not math.isfinite(price):
+            return Rejection(Reason.INVALID_VALUE, f"price must be >= 0, got {price}")
+        price = float(price)
+    quantity = body.get("quantity")
+    if quantity is not None:
+        if not _is_int(quantity):
+            return Rejection(Reason.WRONG_TYPE,
+                             f"quantity must be an integer, not {type(quantity).__name__}")
+        if quantity < 1:
+            return Rejection(Reason.INVALID_VALUE, f"quantity must be >= 1, got {quantity}")
+    version = body.get("schema_version", SCHEMA_VERSION)
+    if not _is_int(version):
+        return Rejection(Reason.WRONG_TYPE, "schema_version must be an integer")
+
+    if body["type"] not in _TYPES:
+        return Rejection(Reason.UNKNOWN_EVENT_TYPE,
+                         f"type {body['type'][:40]!r} is not one of {', '.join(EVENT_TYPES)}")
+    if version != SCHEMA_VERSION:
+        return Rejection(Reason.UNSUPPORTED_SCHEMA_VERSION,
+                         f"schema_version {version} (this worker reads {SCHEMA_VERSION})")
+    if ts > now_ms + limits.max_future_skew_ms:
+        return Rejection(Reason.FUTURE_TIMESTAMP,
+                         f"ts {ts} is {(ts - now_ms) / 1000:.0f}s ahead of the worker's clock")
+    if ts < limits.min_event_time_ms:
+        return Rejection(Reason.ANCIENT_TIMESTAMP,
+                         f"ts {ts} is before {limits.min_event_time_ms} (seconds sent as ms?)")
+    user_id = body["user_id"]
+    if key is None or key != user_id.encode():
+        shown = "null" if key is None else repr(key[:40])
+        return Rejection(Reason.KEY_MISMATCH, f"record key {shown} must equal user_id")
+
+    return Event(
+        event_id=body["event_id"], user_id=user_id, type=body["type"], item_id=body["item_id"],
+        ts=ts, price=price, quantity=quantity, category=body.get("category"),
+        session_id=body.get("session_id"), schema_version=version,
+    )
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass in Python, but `true` is not a timestamp.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string_problem(value: object, name: str) -> Rejection | None:
+    if not isinstance(value, str):
+        return Rejection(Reason.WRONG_TYPE, f"{name} must be a string, not {type(value).__name__}")
+    if not value or value.isspace():
+        return Rejection(Reason.INVALID_VALUE, f"{name} is empty")
+    if len(value) > MAX_ID_LENGTH:
+        return Rejection(Reason.INVALID_VALUE, f"{name} is {len(value)} chars > {MAX_ID_LENGTH}")
+    return None
+
+
+def dead_letter(rejection: Rejection, *, raw: bytes | None, key: bytes | None, topic: str,
+                partition: int, offset: int, at_ms: int, exception: str | None = None) -> bytes:
+    """The `events.dlq` record for a rejected input: enough to diagnose and replay it.
+
+    ``exception`` names the exception type of a ``processing_error``.
+    """
+    body: dict[str, Any] = {
+        "reason": rejection.reason.value,
+        "error": rejection.error,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "key": None if key is None else base64.b64encode(key).decode(),
+        "raw": None if raw is None else base64.b64encode(raw).decode(),
+        "at": at_ms,
+    }
+    if exception is not None:
+        body["exception"] = exception
+    return orjson.dumps(body)
+
+
+# --- coupons and user-preferences ------------------------------------------------------------
+
+#: Valid-window bounds: epoch milliseconds; ``valid_to`` this far out means "no end".
+FOREVER_MS = 2**62
+
+
+@dataclass(frozen=True)
+class Coupon:
+    """A campaign from the compacted `coupons` topic (value = JSON, key = coupon_id).
+
+    ``value`` and ``budget`` are money in the shop's currency; ``valid_from`` / ``valid_to``
+    are epoch milliseconds (a file for `promo coupons publish` may give ISO-8601 text,
+    converted on the way in); no ``valid_to`` means no end, and then no pacing.
+    """
+
+    coupon_id: str
+    value: float  # money off per coupon; also what one issued coupon reserves from the budget
+    budget: float  # total money the campaign may give away
+    valid_from_ms: int = 0
+    valid_to_ms: int = FOREVER_MS
+    min_spend: float = 0.0
+    items: tuple[str, ...] = ()  # target items; with no items and no categories: any purchase
+    categories: tuple[str, ...] = ()
+    max_exposures: int = 0  # coupons that may be issued in total; 0 = no cap
+
+    def is_valid(self, now_ms: int) -> bool:
+        return self.valid_from_ms <= now_ms < self.valid_to_ms
+
+    @classmethod
+    def from_json(cls, coupon_id: str, raw: bytes, *, strict: bool = False) -> Coupon:
+        """Parse and check a campaign; ValueError says which field breaks which rule.
+
+        ``strict`` (what `promo coupons publish` uses) also refuses fields it does not know,
+        the likeliest typo; the worker reads leniently, so a newer producer's extra field
+        never stops a campaign.
+        """
+        body = orjson.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("a campaign must be a JSON object")
+        return cls.from_fields(coupon_id, body, strict=strict)
+
+    @classmethod
+    def from_fields(cls, coupon_id: str, body: Mapping[str, Any], *,
+                    strict: bool = False) -> Coupon:
+        known = {"coupon_id", "value", "budget", "valid_from", "valid_to", "min_spend", "items",
+                 "categories", "max_exposures"}
+        if strict and set(body) - known:
+            raise ValueError(f"unknown fields {sorted(set(body) - known)} (known: "
+                             f"{', '.join(sorted(known))})")
+        if not coupon_id or len(coupon_id) > MAX_ID_LENGTH or coupon_id.isspace():
+            raise ValueError(f"coupon_id must be 1-{MAX_ID_LENGTH} characters")
+        if "value" not in body or "budget" not in body:
+            raise ValueError("value and budget are required")
+        value = _money(body["value"], "value", positive=True)
+        budget = _money(body["budget"], "budget", positive=True)
+        if budget < value:
+            raise ValueError(f"budget {budget:g} is below one coupon's value {value:g}")
+        valid_from = _epoch_ms(body.get("valid_from", 0), "valid_from")
+        valid_to = _epoch_ms(body.get("valid_to", FOREVER_MS), "valid_to")
+        if valid_to <= valid_from:
+            raise ValueError("valid_to must be after valid_from")
+        exposures = body.get("max_exposures", 0)
+        if not isinstance(exposures, int) or isinstance(exposures, bool) or exposures < 0:
+            raise ValueError(f"max_exposures must be a whole number >= 0, not {exposures!r}")
+        return cls(coupon_id=coupon_id, value=value, budget=budget, valid_from_ms=valid_from,
+                   valid_to_ms=valid_to,
+                   min_spend=_money(body.get("min_spend", 0.0), "min_spend", positive=False),
+                   items=_ids(body.get("items", ()), "items"),
+                   categories=_ids(body.get("categories", ()), "categories"),
+                   max_exposures=exposures)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({
+            "value": self.value, "budget": self.budget, "valid_from": self.valid_from_ms,
+            "valid_to": self.valid_to_ms, "min_spend": self.min_spend, "items": self.items,
+            "categories": self.categories, "max_exposures": self.max_exposures})
+
+
+def _money(value: Any, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'above' if positive else 'at least'} 0, got {value}")
+    return float(value)
+
+
+def _epoch_ms(value: Any, name: str) -> int:
+    """Epoch milliseconds, or ISO-8601 text (files written by people); no zone means UTC."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is neither epoch milliseconds nor ISO-8601 "
+                             "(2026-12-24T00:00:00Z)") from None
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return round(moment.timestamp() * 1000)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= FOREVER_MS:
+        raise ValueError(f"{name} must be epoch milliseconds (a whole number, 0 to 2^62), "
+                         f"not {value!r}")
+    if 0 < value < 100_000_000_000:  # before 1973 in ms: seconds, surely
+        raise ValueError(f"{name} {value} looks like epoch seconds; give milliseconds")
+    return value
+
+
+def _ids(values: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(values, list | tuple) or not all(
+            isinstance(v, str) and 0 < len(v) <= MAX_ID_LENGTH for v in values):
+        raise ValueError(f"{name} must be a list of ids (strings of 1-{MAX_ID_LENGTH} chars)")
+    return tuple(values)
+
+
+def _is_time_zone(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """From the compacted `user-preferences` topic (value = JSON, key = user_id).
+
+    A flag the record leaves out (or sets to null) is not stated: the user then gets
+    ``policy.default_push_opt_in`` / ``default_coupon_opt_in``, exactly as a user with no
+    record at all. A stated flag always wins. A time zone that is not a known IANA name
+    is an error for `promo preferences publish` (``strict``); a worker reading such a record
+    keeps its flags and uses ``policy.default_timezone``.
+    """
+
+    push_opt_in: bool | None
+    coupon_opt_in: bool | None
+    timezone: str | None = None
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, strict: bool = False) -> Preferences:
+        """Parse and check a preferences record. Raises ValueError naming the field."""
+        body = orjson.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("preferences must be a JSON object")
+        return cls.from_fields(body, strict=strict)
+
+    @classmethod
+    def from_fields(cls, body: Mapping[str, Any], *, strict: bool = False) -> Preferences:
+        known = {"user_id", "push_opt_in", "coupon_opt_in", "timezone"}
+        if strict and set(body) - known:
+            raise ValueError(f"unknown fields {sorted(set(body) - known)} (known: "
+                             f"{', '.join(sorted(known))})")
+        flags = {}
+        for name in ("push_opt_in", "coupon_opt_in"):
+            value = body.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true, false or absent, not {value!r}")
+            flags[name] = value
+        timezone = body.get("timezone") or None
+        if timezone is not None and not _is_time_zone(timezone):
+            if strict:
+                raise ValueError(f"timezone {timezone!r} is not an IANA time zone "
+                                 "(e.g. Europe/Berlin)")
+            # The worker keeps the consent flags of such a record: losing an opt-out over
+            # a zone this machine's tz database does not know would be the worse error.
+            timezone = None
+        return cls(push_opt_in=flags["push_opt_in"], coupon_opt_in=flags["coupon_opt_in"],
+                   timezone=timezone)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"push_opt_in": self.push_opt_in,
+                             "coupon_opt_in": self.coupon_opt_in, "timezone": self.timezone})
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+class Action(enum.StrEnum):
+    """What a decision does. The values are metric labels and `decisions` fields."""
+
+    COUPON = "coupon"
+    PUSH = "push"
+    NONE = "none"  # decided and recorded, nothing sent (no eligible coupon, caps, quiet hours)
+
+
+class Arm(enum.StrEnum):
+    TREATMENT = "treatment"
+    HOLDOUT = "holdout"  # decided like the treatment arm, recorded, never sent
+
+
+class TriggerKind(enum.StrEnum):
+    CART_ADD = "cart_add"
+    REPEAT_VIEWS = "repeat_views"  # several views of one item: purchase intent
+    CART_ABANDONED = "cart_abandoned"  # found by the worker's timer, not by an event
+    VISIT = "visit"  # every event: only the offline simulator's every-event baselines
+
+
+@dataclass(frozen=True)
+class Trigger:
+    kind: TriggerKind
+    event_id: str  # the event (or cart) that fired it: part of the decision id
+    items: tuple[str, ...]  # raw item ids involved
+    ts_ms: int  # event time of what fired it
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision_id: str
+    user_id: str
+    action: Action
+    arm: Arm
+    # The ranking score of what was chosen: the coupon's affinity, or for a push the
+    # top-ranked candidate's encoder score plus its repeat prior (push_repeat_weight x log(1 + n)).
+    score: float
+    reasons: list[dict[str, Any]]
+    model_version: str
+    policy_version: str
+    trigger_event_id: str
+    created_at: int
+    coupon: dict[str, Any] | None = None
+    push: dict[str, Any] | None = None
+
+    @property
+    def to_send(self) -> bool:
+        return self.arm == Arm.TREATMENT and self.action != Action.NONE
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({
+            "decision_id": self.decision_id, "user_id": self.user_id, "action": self.action,
+            "coupon": self.coupon, "push": self.push, "score": round(self.score, 6),
+            "reasons": self.reasons, "arm": self.arm, "model_version": self.model_version,
+            "policy_version": self.policy_version, "trigger_event_id": self.trigger_event_id,
+            "created_at": self.created_at})
