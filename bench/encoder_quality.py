@@ -53,10 +53,10 @@ from _common import (
 )
 
 from encoder import checkpoint
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import load_dataset
 from encoder.evaluate import MISS, PROTOCOLS, evaluate, model_scorer, popularity_scorer
-from encoder.model import EncoderConfig
-from encoder.train import TrainConfig, TrainResult, metadata, train, training_curve_png
+from encoder.train import TrainResult, metadata, train, training_curve_png
 
 REFERENCES = {
     "games": {"sampled": {"SASRec paper (Kang & McAuley 2018)": {"HR@10": 0.7410,

@@ -49,6 +49,7 @@ from _common import (
     write_json,
 )
 
+from encoder.config import EncoderConfig
 from encoder.data import (
     default_datasets_dir,
     encode_split,
@@ -57,7 +58,7 @@ from encoder.data import (
     user_sequences,
 )
 from encoder.inference import Encoder
-from encoder.model import EncoderConfig, EncoderModel
+from encoder.model import EncoderModel
 from encoder.train import build_vocabulary
 from encoder.vocab import Vocabulary
 

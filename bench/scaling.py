@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import subprocess
 import sys
 import tempfile
 import time
@@ -117,7 +118,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def wait_accounted(port: int, proc: Any, n: int, timeout: float) -> float:
+def wait_accounted(port: int, proc: subprocess.Popen[bytes], n: int, timeout: float) -> float:
     """Until the worker has accounted for n records; the perf_counter time it did."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoder.model import EncoderConfig, EncoderModel
+from encoder.config import EncoderConfig
+from encoder.model import EncoderModel
 from encoder.vocab import Vocabulary
 
 MANIFEST = "manifest.json"
@@ -93,7 +94,7 @@ def save(out_dir: Path, model: EncoderModel, vocab: Vocabulary, popularity: np.n
     return version
 
 
-def _json(value: Any) -> bytes:
+def _json(value: object) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=False) + "\n").encode()
 
 

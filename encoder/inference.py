@@ -19,8 +19,9 @@ import torch
 
 from encoder import checkpoint
 from encoder.checkpoint import CheckpointError
+from encoder.config import EncoderConfig
 from encoder.data import left_pad
-from encoder.model import EncoderConfig, EncoderModel
+from encoder.model import EncoderModel
 from encoder.vocab import Vocabulary, item_key
 
 __all__ = ["CheckpointError", "Encoder", "item_key"]

@@ -27,30 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoder.config import EncoderConfig
+
 ATTENTION_CHUNK_ROWS = 64  # rows per attention call: few calls, little padding when sorted
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    n_items: int = 1  # known items, vocabulary indices 1..n_items (0 is padding)
-    n_oov_buckets: int = 64  # unknown items hash into n_items+1 .. n_items+n_oov_buckets
-    n_event_types: int = 4  # view, click, add_to_cart, purchase (ids 1..4; 0 is padding)
-    max_len: int = 50  # L: the newest events per user the encoder reads (the paper's L)
-    n_layers: int = 2
-    d_model: int = 64
-    n_heads: int = 2
-    d_ff: int = 256  # hidden width of each block's MLP
-    dropout: float = 0.2  # training only
-    use_event_types: bool = True  # False: items only, as in SASRec (for ablations)
-
-    def __post_init__(self) -> None:
-        assert self.n_items >= 1, f"n_items must be at least 1, got {self.n_items}"
-        assert self.d_model % self.n_heads == 0, \
-            f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
-
-    @property
-    def vocab_size(self) -> int:
-        return 1 + self.n_items + self.n_oov_buckets
 
 
 @dataclass(frozen=True)

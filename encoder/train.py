@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import (
     EncodedSplit,
     Interaction,
@@ -71,34 +72,8 @@ from encoder.evaluate import (
     evaluate_model,
     sample_negatives,
 )
-from encoder.model import EncoderConfig, EncoderModel
+from encoder.model import EncoderModel
 from encoder.vocab import EVENT_TYPES, Vocabulary
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 200  # upper bound; early stopping usually ends training well before
-    max_minutes: float = 13.0  # bound on the training loop (Beauty: under 15 min in all)
-    batch_size: int = 128
-    lr: float = 3e-3  # peak learning rate
-    warmup_steps: int = 100
-    decay: bool = True  # lr falls linearly to 0 at the budget (epochs or max_minutes)
-    weight_decay: float = 0.5  # AdamW's decoupled decay: see the module docstring
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    # Which validation NDCG@10 picks the epoch: "full" ranking (what the worker does) or the
-    # paper's "sampled" protocol. They peak at different epochs, so select on the one reported.
-    select_protocol: str = "full"
-    seed: int = 0
-    negatives: int = 2048  # sampled-softmax negatives per batch; 0: softmax over every item
-    # Each position also learns the items of the events after the next one, up to `horizon`
-    # events ahead, each with `horizon_weight` (the next event weighs 1): see the docstring.
-    horizon: int = 1
-    horizon_weight: float = 0.3
-    oov_replace_prob: float = 0.01  # inputs swapped for their OOV bucket, to train the buckets
-    target_types: tuple[str, ...] | None = None  # None: every event is a prediction target
-    exclude_history: bool | None = None  # full ranking; None: decide from the repeat share
-    eval_batch_size: int = 1024
-    threads: int | None = None  # torch intra-op threads; None: torch's default
 
 
 @dataclass

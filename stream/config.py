@@ -110,7 +110,7 @@ class WorkerSettings:
 
     @field_validator("log_level", mode="before")
     @classmethod
-    def _lower_case(cls, value: Any) -> Any:
+    def _lower_case(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
 

@@ -309,7 +309,7 @@ class Coupon:
             "categories": self.categories, "max_exposures": self.max_exposures})
 
 
-def _money(value: Any, name: str, *, positive: bool) -> float:
+def _money(value: object, name: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, not {value!r}")
     if value < 0 or (positive and value == 0):
@@ -317,7 +317,7 @@ def _money(value: Any, name: str, *, positive: bool) -> float:
     return float(value)
 
 
-def _epoch_ms(value: Any, name: str) -> int:
+def _epoch_ms(value: object, name: str) -> int:
     """Epoch milliseconds, or ISO-8601 text (files written by people); no zone means UTC."""
     if isinstance(value, str):
         try:
@@ -335,14 +335,14 @@ def _epoch_ms(value: Any, name: str) -> int:
     return value
 
 
-def _ids(values: Any, name: str) -> tuple[str, ...]:
+def _ids(values: object, name: str) -> tuple[str, ...]:
     if not isinstance(values, list | tuple) or not all(
             isinstance(v, str) and 0 < len(v) <= MAX_ID_LENGTH for v in values):
         raise ValueError(f"{name} must be a list of ids (strings of 1-{MAX_ID_LENGTH} chars)")
     return tuple(values)
 
 
-def _is_time_zone(name: Any) -> bool:
+def _is_time_zone(name: object) -> bool:
     if not isinstance(name, str):
         return False
     try:

@@ -18,9 +18,9 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from stream.metrics import Metrics
+from stream.policy import ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,11 @@ class ModelWatcher:
     def __init__(self, path: str | Path | None, metrics: Metrics) -> None:
         self.path = Path(path) if path else None
         self.metrics = metrics
-        self._encoder: Any | None = None
+        self._encoder: ServingModel | None = None
         self._failed_version: str | None = None
 
     @property
-    def encoder(self) -> Any | None:
+    def encoder(self) -> ServingModel | None:
         return self._encoder
 
     @property

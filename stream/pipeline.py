@@ -74,7 +74,7 @@ from stream.contracts import (
 )
 from stream.logs import user_ref
 from stream.metrics import Metrics
-from stream.policy import CouponBudget
+from stream.policy import CouponBudget, ServingModel
 from stream.state import UserState
 from stream.topics import expected_partition
 
@@ -148,7 +148,7 @@ class ModelSource(Protocol):
     """The encoder currently serving, or None (missing or failed checkpoint)."""
 
     @property
-    def encoder(self) -> Any | None: ...
+    def encoder(self) -> ServingModel | None: ...
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,29 @@ class ItemModel(Protocol):
     def popular_items(self, k: int) -> np.ndarray: ...
 
 
+class ModelShape(Protocol):
+    @property
+    def n_items(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def max_len(self) -> int: ...
+
+
+class ServingModel(ItemModel, Protocol):
+    """The model the worker and the simulator serve: the policy's :class:`ItemModel` plus user
+    vectors from histories (encoder.inference.Encoder provides it; stream.testing's
+    ``tiny_encoder`` is one)."""
+
+    @property
+    def config(self) -> ModelShape: ...
+
+    def user_vectors(self, items: Sequence[np.ndarray], types: Sequence[np.ndarray],
+                     ts_ms: Sequence[np.ndarray] | None = None) -> np.ndarray: ...
+
+
 def decision_id(user_id: str, trigger: Trigger, policy_version: str = POLICY_VERSION) -> str:
     """Deterministic: the same trigger decided again (a replay, a retry) has the same id."""
     text = f"{user_id}\x1f{trigger.kind}\x1f{trigger.event_id}\x1f{policy_version}"

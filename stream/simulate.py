@@ -51,6 +51,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ from stream.policy import (
     Context,
     CouponBudget,
     ItemModel,
+    ServingModel,
     calibrated,
     cart_abandoned,
     decide,
@@ -153,7 +155,7 @@ class BaselineItems:
     """An :class:`~stream.policy.ItemModel` that ranks items by a fixed score per item (or a
     random one) instead of the user's vector; ids and item vectors come from the encoder."""
 
-    def __init__(self, encoder: Any, name: str, item_scores: np.ndarray | None,
+    def __init__(self, encoder: ServingModel, name: str, item_scores: np.ndarray | None,
                  seed: int = 0, history_first: bool = False) -> None:
         self.encoder = encoder
         self.model_version = name
@@ -164,16 +166,16 @@ class BaselineItems:
         self.history_first = history_first
 
     def item_indices(self, item_ids: Sequence[str]) -> np.ndarray:
-        return self.encoder.item_indices(item_ids)  # type: ignore[no-any-return]
+        return self.encoder.item_indices(item_ids)
 
     def item_indices_from_keys(self, keys: np.ndarray) -> np.ndarray:
-        return self.encoder.item_indices_from_keys(keys)  # type: ignore[no-any-return]
+        return self.encoder.item_indices_from_keys(keys)
 
     def item_id(self, index: int) -> str | None:
-        return self.encoder.item_id(index)  # type: ignore[no-any-return]
+        return self.encoder.item_id(index)
 
     def item_vectors(self, indices: np.ndarray) -> np.ndarray:
-        return self.encoder.item_vectors(indices)  # type: ignore[no-any-return]
+        return self.encoder.item_vectors(indices)
 
     def _all_scores(self, rows: int) -> np.ndarray:
         size = int(self.encoder.config.vocab_size)
@@ -213,7 +215,7 @@ class BaselineItems:
         return np.asarray(self.top_items(np.zeros((1, 1), np.float32), k)[0][0])
 
 
-def popularity_scores(encoder: Any, before: Sequence[Interaction]) -> np.ndarray:
+def popularity_scores(encoder: ServingModel, before: Sequence[Interaction]) -> np.ndarray:
     """Conversions per vocabulary index before the cut (never the checkpoint's counts, which
     may include later data)."""
     converts = conversion_types(before)
@@ -292,7 +294,7 @@ def collect_moments(before: Sequence[Interaction], after: Sequence[Interaction],
     return judged, future
 
 
-def user_vectors(encoder: Any, moments: Sequence[Moment], batch: int = 512) -> np.ndarray:
+def user_vectors(encoder: ServingModel, moments: Sequence[Moment], batch: int = 512) -> np.ndarray:
     """The encoder's vector for each moment's user state, in batched forward passes."""
     out = np.zeros((len(moments), int(encoder.config.d_model)), dtype=np.float16)
     for start in range(0, len(moments), batch):
@@ -505,7 +507,7 @@ def propensity_report(moments: Sequence[Moment], future: Mapping[str, Sequence[I
 
 # --- the whole simulation ----------------------------------------------------------------------
 
-def simulate(rows: Sequence[Interaction], encoder: Any, config: SimulationConfig,
+def simulate(rows: Sequence[Interaction], encoder: ServingModel, config: SimulationConfig,
              coupons: Sequence[Coupon] | None = None,
              progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run every policy over the replayed part of ``rows``; return the report (JSON-ready)."""
@@ -598,8 +600,8 @@ def simulate(rows: Sequence[Interaction], encoder: Any, config: SimulationConfig
     return report
 
 
-def choose_repeat_weight(before: Sequence[Interaction], encoder: Any, config: SimulationConfig,
-                         converts: frozenset[str]) -> dict[str, Any]:
+def choose_repeat_weight(before: Sequence[Interaction], encoder: ServingModel,
+                         config: SimulationConfig, converts: frozenset[str]) -> dict[str, Any]:
     """The push_repeat_weight with the best push hit rate on the last ``validation_fraction``
     of ``before``, replayed with state warmed on the rest (no coupons: it judges pushes).
     Ties go to the smaller weight."""
@@ -745,15 +747,15 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def train_before_cut(before: Sequence[Interaction], out: Any, *, minutes: float, seed: int,
-                     progress: bool = True, log: Callable[[str], None] = print) -> Any:
+def train_before_cut(before: Sequence[Interaction], out: Path, *, minutes: float, seed: int,
+                     progress: bool = True,
+                     log: Callable[[str], None] = print) -> ServingModel:
     """Train the default encoder on the events before the cut, save it in ``out`` and load it
     back as the worker would (so its model_version is the checkpoint's)."""
     from encoder import checkpoint
     from encoder import train as training
+    from encoder.config import EncoderConfig, TrainConfig
     from encoder.inference import Encoder
-    from encoder.model import EncoderConfig
-    from encoder.train import TrainConfig
 
     config = TrainConfig(max_minutes=minutes, seed=seed)
     result = training.train(before, EncoderConfig(), config, progress=progress, log=log)

@@ -24,6 +24,7 @@ from stream.config import PolicyConfig
 from stream.contracts import Coupon, Limits, Preferences
 from stream.metrics import Metrics
 from stream.pipeline import BatchResult, OpenCart, Pipeline, Topics
+from stream.policy import ServingModel
 from stream.topics import expected_partition
 
 TOPICS = Topics(events="events", repartition="promo-events-repartition", dlq="events.dlq",
@@ -112,7 +113,7 @@ class ListSink:
 class FixedModel:
     """A ``ModelSource`` that serves one encoder (or None: no model)."""
 
-    encoder: Any | None = None
+    encoder: ServingModel | None = None
 
 
 class Harness:
@@ -122,7 +123,7 @@ class Harness:
     key's partition, offsets counting up per partition), so specs read like producing.
     """
 
-    def __init__(self, *, policy: PolicyConfig | None = None, encoder: Any | None = None,
+    def __init__(self, *, policy: PolicyConfig | None = None, encoder: ServingModel | None = None,
                  coupons: Sequence[Coupon] = (), partitions: int = 2, now_ms: int = 0,
                  limits: Limits | None = None, retries: int = 2) -> None:
         self.store = MemoryStore()
@@ -178,15 +179,16 @@ class Harness:
         return self.published(TOPICS.dlq)
 
 
-def tiny_encoder(item_ids: Sequence[str], *, seed: int = 0, d_model: int = 16) -> Any:
+def tiny_encoder(item_ids: Sequence[str], *, seed: int = 0, d_model: int = 16) -> ServingModel:
     """A small real encoder over ``item_ids`` with seeded random weights (not trained): specs
     of plumbing (vectors refreshed, versions carried, items ranked) need a model, not a good
     one. Popularity decreases along ``item_ids``."""
     import numpy as np
     import torch
 
+    from encoder.config import EncoderConfig
     from encoder.inference import Encoder
-    from encoder.model import EncoderConfig, EncoderModel
+    from encoder.model import EncoderModel
     from encoder.vocab import Vocabulary
 
     vocab = Vocabulary(list(item_ids), n_oov_buckets=4)

@@ -12,7 +12,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -20,6 +20,9 @@ from aiokafka.partitioner import murmur2
 
 from stream.config import KafkaSettings
 from stream.contracts import DAY_MS
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaConsumer
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +272,7 @@ async def read_compacted(kafka: KafkaSettings, topic: str) -> dict[bytes, bytes]
         await consumer.stop()
 
 
-async def _partitions(consumer: Any, topic: str) -> set[int]:
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     """A topic's partitions once the consumer's metadata knows it (fetched on demand)."""
     await consumer._client.force_metadata_update()
     partitions: set[int] = consumer.partitions_for_topic(topic) or set()

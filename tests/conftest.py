@@ -16,8 +16,9 @@ import torch
 
 from deploy.kafka import launcher
 from encoder import checkpoint
+from encoder.config import EncoderConfig
 from encoder.data import load_dataset
-from encoder.model import EncoderConfig, EncoderModel
+from encoder.model import EncoderModel
 from encoder.vocab import Vocabulary
 from stream.config import Settings, load_settings
 from stream.topics import ensure_topics

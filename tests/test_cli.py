@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -39,3 +41,27 @@ def test_config_prints_effective_settings() -> None:
     result = CliRunner().invoke(main, ["config"], env={"PROMO_KAFKA_PARTITIONS": "6"})
     assert result.exit_code == 0
     assert "partitions = 6" in result.output
+
+
+def test_the_command_line_loads_without_torch() -> None:
+    """Only commands that run a model pay for torch; `promo --help` or `promo broker status`
+    must not (it used to cost seconds before anything happened)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, stream.cli; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", [["train", "--out", "unused"], ["replay"], ["simulate"]])
+def test_every_command_finds_named_datasets_where_the_settings_say(
+        command: list[str], tmp_path: Path) -> None:
+    where = tmp_path / "my-datasets"
+    where.mkdir()
+    result = CliRunner().invoke(main, [*command, "--dataset", "games"],
+                                env={"PROMO_REPLAY_DATASETS_DIR": str(where)})
+    assert result.exit_code != 0
+    assert str(where) in result.output, result.output

@@ -1,7 +1,9 @@
-"""The README's retrain-and-publish walkthrough, run exactly as written, against the real broker.
+"""The retrain-and-publish walkthrough in docs/operations.md, run exactly as written, against the
+real broker.
 
-The first version of the README started the worker on models/v1 and then published to
-models/current, which no worker watched: publish compared against nothing and swapped nothing.
+A walkthrough nobody runs drifts: one version started the worker on models/v1 and then published
+to models/current, which no worker watched, so publish compared against nothing and swapped
+nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from tests.support import PROMO, PromoProcess, sample, scrape, settings_env, wai
 
 pytestmark = pytest.mark.kafka
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+WALKTHROUGH_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 MARKER = "<!-- tests/test_readme.py runs this block as written -->"
 
 
 def walkthrough() -> list[str]:
-    text = README.read_text()
+    text = WALKTHROUGH_DOC.read_text()
     block = re.search(re.escape(MARKER) + r"\s*```sh\n(.*?)```", text, re.S)
-    assert block, "the README lost its tested walkthrough"
+    assert block, f"{WALKTHROUGH_DOC} lost its tested walkthrough"
     return [line.split("  #")[0].strip() for line in block.group(1).splitlines()
             if line.strip()]
 

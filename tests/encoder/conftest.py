@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from encoder import checkpoint
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import EVENT_TYPES, Interaction
-from encoder.model import EncoderConfig, EncoderModel
-from encoder.train import TrainConfig, TrainResult, train
+from encoder.model import EncoderModel
+from encoder.train import TrainResult, train
 
 TINY = EncoderConfig(n_items=40, n_oov_buckets=4, max_len=12, n_layers=2, d_model=16,
                      n_heads=2, d_ff=32, dropout=0.1)

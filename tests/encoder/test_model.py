@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder.model import EncoderConfig, EncoderModel
+from encoder.config import EncoderConfig
+from encoder.model import EncoderModel
 from tests.encoder.conftest import TINY
 
 

@@ -4,17 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import Interaction, encode_split, leave_one_out, user_sequences
 from encoder.evaluate import EvalSettings, evaluate_model
-from encoder.model import EncoderConfig, EncoderModel
-from encoder.train import (
-    TrainConfig,
-    TrainResult,
-    build_vocabulary,
-    decay_groups,
-    make_windows,
-    train,
-)
+from encoder.model import EncoderModel
+from encoder.train import TrainResult, build_vocabulary, decay_groups, make_windows, train
 from tests.encoder.conftest import patterned_interactions
 
 

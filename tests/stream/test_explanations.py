@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import load_dataset
 from encoder.inference import Encoder, item_key
-from encoder.model import EncoderConfig
-from encoder.train import TrainConfig, train
+from encoder.train import train
 from stream.config import PolicyConfig
 from stream.contracts import Trigger
 from stream.policy import Context, decide

@@ -1,107 +1,31 @@
-"""`promo train` and `promo evaluate` (registered on the `promo` group by stream/cli.py)."""
+"""`promo train`, `promo evaluate`, `promo publish` and `promo simulate`: the model's life
+offline, from data to a served checkpoint, and decisions judged by what users did next.
+
+torch is imported inside the commands, never at import time: `promo --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 
-from encoder import data
-from encoder.checkpoint import CheckpointError
-from encoder.model import EncoderConfig
-from encoder.train import TrainConfig
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.vocab import EVENT_TYPES
+from stream.cli.common import Context, DataChoice, data_options, load_data, pass_context
 
-F = TypeVar("F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    from encoder.checkpoint import Checkpoint
+    from encoder.data import Interaction
+    from stream.policy import ServingModel
 
-_NAMES = ", ".join(data.DATASET_NAMES)
-
-
-def _data_options(f: F) -> F:
-    """Name a dataset or give a CSV; shared by train and evaluate."""
-    options = [
-        click.option("--dataset", metavar="NAME",
-                     help=f"A dataset in the datasets directory: {_NAMES}."),
-        click.option("--interactions", type=click.Path(exists=True, dir_okay=False,
-                                                       path_type=Path),
-                     help="Any CSV (or .csv.gz) of interactions instead of --dataset: one row "
-                          "per event, with user, item and time columns."),
-        click.option("--user-col", default="user_id", show_default=True,
-                     help="User column of --interactions."),
-        click.option("--item-col", default="item_id", show_default=True,
-                     help="Item column of --interactions."),
-        click.option("--time-col", default="timestamp", show_default=True,
-                     help="Time column of --interactions: epoch seconds, epoch milliseconds "
-                          "or ISO-8601 (detected per file)."),
-        click.option("--type-col", default=None,
-                     help="Event-type column of --interactions (view, click, add_to_cart, "
-                          "purchase and synonyms such as cart or buy); without it every row "
-                          "is a purchase."),
-        click.option("--datasets-dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=None, help="Where research datasets are looked up (instacart "
-                     "comes installed) [default: $PROMO_DATASETS_DIR, else ./datasets]."),
-        click.option("--from-kafka", is_flag=True,
-                     help="Read the events topic's history instead (kafka.* settings: "
-                          "bootstrap servers, topic, security), up to its current end."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _load(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
-          time_col: str, type_col: str | None, datasets_dir: Path | None,
-          from_kafka: bool = False,
-          progress: bool = True) -> tuple[list[data.Interaction], dict[str, Any]]:
-    if (dataset is not None) + (interactions is not None) + from_kafka != 1:
-        raise click.UsageError(f"give --dataset NAME ({_NAMES}), --interactions FILE.csv or "
-                               "--from-kafka, exactly one")
-    source: dict[str, Any]
-    try:
-        if from_kafka:
-            rows, source = _load_event_log(progress)
-        elif interactions is not None:
-            rows = data.load_interactions_csv(interactions, user_col=user_col,
-                                              item_col=item_col, time_col=time_col,
-                                              type_col=type_col)
-            source = {"interactions": str(interactions), "user_col": user_col,
-                      "item_col": item_col, "time_col": time_col, "type_col": type_col}
-        else:
-            assert dataset is not None
-            name = data.canonical_name(dataset)
-            rows = data.load_dataset(name, datasets_dir)
-            source = {"dataset": name, "path": str(data.dataset_path(name, datasets_dir))}
-    except (ValueError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    source["interactions_loaded"] = len(rows)
-    return rows, source
-
-
-def _load_event_log(progress: bool = True) -> tuple[list[data.Interaction], dict[str, Any]]:
-    """The events topic's history, with the settings of the `promo` command line."""
-    from aiokafka.errors import KafkaError
-
-    from stream import eventlog
-    from stream.config import load_settings
-
-    root = click.get_current_context().find_root().obj
-    settings = root.settings if root is not None else load_settings()
-    try:
-        log = eventlog.load(settings.kafka, settings.contract, progress=progress)
-    except KafkaError as exc:
-        raise data.DataError(f"cannot read {settings.kafka.events_topic!r} from "
-                             f"{settings.kafka.bootstrap_servers}: {exc}") from exc
-    if not log.interactions:
-        raise data.DataError(f"topic {settings.kafka.events_topic!r} holds no valid events")
-    if log.skipped:
-        _err(f"skipped records: {dict(log.skipped)}")
-    return log.interactions, log.source(settings.kafka.events_topic)
+if TYPE_CHECKING:
+    pass
 
 
 def _target_types(text: str | None) -> tuple[str, ...] | None:
@@ -131,7 +55,7 @@ def _err(message: str) -> None:
 
 
 @click.command("train")
-@_data_options
+@data_options(from_kafka=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint in --out.")
@@ -190,9 +114,8 @@ def _err(message: str) -> None:
               help="Torch threads [default: torch's choice, the number of cores].")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar per epoch (on stderr).")
-def train(dataset: str | None, interactions: Path | None, user_col: str, item_col: str,
-          time_col: str, type_col: str | None, datasets_dir: Path | None, from_kafka: bool,
-          out: Path,
+@pass_context
+def train(context: Context, data: DataChoice, out: Path,
           overwrite: bool, epochs: int, max_minutes: float, patience: int,
           select_protocol: str, seed: int,
           batch_size: int, lr: float, negatives: int, horizon: int, horizon_weight: float,
@@ -220,8 +143,7 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
                                  param_hint="--d-model")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise click.ClickException(f"{out} is not empty; pass --overwrite to replace it")
-    rows, source = _load(dataset, interactions, user_col, item_col, time_col, type_col,
-                         datasets_dir, from_kafka, progress)
+    _, rows, source = load_data(context.settings, data, progress=progress)
     model_config = EncoderConfig(n_oov_buckets=oov_buckets, max_len=max_len, n_layers=layers,
                                  d_model=d_model, n_heads=heads, d_ff=d_ff, dropout=dropout,
                                  use_event_types=event_types)
@@ -254,7 +176,7 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
 @click.option("--checkpoint", "checkpoint_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint directory written by `promo train`.")
-@_data_options
+@data_options(from_kafka=True)
 @_target_types_option
 @_history_option
 @click.option("--seed", type=int, default=None,
@@ -264,10 +186,9 @@ def train(dataset: str | None, interactions: Path | None, user_col: str, item_co
                    '{"HR@10", "NDCG@10"}, "full": {...}}, "popularity": {...}}.')
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads [default: torch's choice].")
-def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | None,
-             user_col: str, item_col: str, time_col: str, type_col: str | None,
-             datasets_dir: Path | None, from_kafka: bool, target_types: str | None, history: str,
-             seed: int | None, as_json: bool, threads: int | None) -> None:
+@pass_context
+def evaluate(context: Context, checkpoint_dir: Path, data: DataChoice, target_types: str | None,
+             history: str, seed: int | None, as_json: bool, threads: int | None) -> None:
     """Evaluate a checkpoint on the test split of a dataset or CSV.
 
     Splits the data leave-one-out exactly as training does and reports, on the test cases,
@@ -279,7 +200,7 @@ def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | Non
     """
     import torch
 
-    from encoder.checkpoint import load
+    from encoder.checkpoint import CheckpointError, load
     from encoder.evaluate import describe, summary
 
     if threads:
@@ -288,8 +209,7 @@ def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | Non
         ckpt = load(checkpoint_dir)
     except CheckpointError as exc:
         raise click.ClickException(str(exc)) from exc
-    rows, _ = _load(dataset, interactions, user_col, item_col, time_col, type_col, datasets_dir,
-                    from_kafka)
+    _, rows, _ = load_data(context.settings, data)
     metrics, n_test = _evaluate_on(ckpt, rows, target_types, history, seed)
     if as_json:
         sys.stdout.write(json.dumps(summary(n_test, ckpt.vocab.n_items, metrics))
@@ -299,11 +219,12 @@ def evaluate(checkpoint_dir: Path, dataset: str | None, interactions: Path | Non
             click.echo(line)
 
 
-def _evaluate_on(ckpt: Any, rows: list[data.Interaction], target_types: str | None,
+def _evaluate_on(ckpt: Checkpoint, rows: list[Interaction], target_types: str | None,
                  history: str, seed: int | None,
                  ) -> tuple[dict[str, dict[str, dict[str, float]]], int]:
     """A checkpoint's metrics (beside popularity) on the leave-one-out test split of ``rows``,
     and the number of test users."""
+    from encoder import data
     from encoder.evaluate import EvalSettings, auto_exclude_history, evaluate_model
 
     trained = ckpt.metrics.get("data", {}).get("target_types")
@@ -337,7 +258,7 @@ _METRICS = ("full/NDCG@10", "full/HR@10", "sampled/NDCG@10", "sampled/HR@10")
 @click.option("--live", required=True, type=click.Path(path_type=Path),
               help="The path workers serve from (worker.checkpoint): a symlink that publishing "
                    "re-points atomically. If it does not exist yet, the candidate is published.")
-@_data_options
+@data_options(from_kafka=True)
 @_target_types_option
 @_history_option
 @click.option("--metric", type=click.Choice(_METRICS), default="full/NDCG@10",
@@ -351,11 +272,10 @@ _METRICS = ("full/NDCG@10", "full/HR@10", "sampled/NDCG@10", "sampled/HR@10")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"metric", "live": {"model_version", "value"}, "candidate": {...}, '
                    '"published"} as one JSON object on stdout.')
-def publish(candidate: Path, live: Path, dataset: str | None, interactions: Path | None,
-            user_col: str, item_col: str, time_col: str, type_col: str | None,
-            datasets_dir: Path | None, from_kafka: bool, target_types: str | None,
-            history: str, metric: str, min_gain: float, seed: int, dry_run: bool,
-            as_json: bool) -> None:
+@pass_context
+def publish(context: Context, candidate: Path, live: Path, data: DataChoice,
+            target_types: str | None, history: str, metric: str, min_gain: float, seed: int,
+            dry_run: bool, as_json: bool) -> None:
     """Publish a retrained model if it beats the live one on the same data.
 
     Evaluates both checkpoints on the same leave-one-out test split (each over its own item
@@ -368,10 +288,9 @@ def publish(candidate: Path, live: Path, dataset: str | None, interactions: Path
     """
     import os
 
-    from encoder.checkpoint import load
+    from encoder.checkpoint import CheckpointError, load
 
-    rows, _ = _load(dataset, interactions, user_col, item_col, time_col, type_col, datasets_dir,
-                    from_kafka)
+    _, rows, _ = load_data(context.settings, data)
     protocol, name = metric.split("/")
     try:
         new = load(candidate)
@@ -409,3 +328,110 @@ def publish(candidate: Path, live: Path, dataset: str | None, interactions: Path
         click.echo(f"{metric}: live {was}; candidate {new.model_version} {new_value:.4f}")
         click.echo(f"published {live} -> {candidate}" if result["published"]
                    else "not published")
+
+
+@click.command("simulate")
+@data_options(from_kafka=True)
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Judge this encoder (it must not have seen the events after "
+              "the cut) [default: train one on the events before the cut].")
+@click.option("--train-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.8, help="Events before this quantile of time train and warm up; the "
+              "rest are replayed and judged.")
+@click.option("--horizon", type=click.IntRange(min=1), default=30,
+              help="A decision hits if the user converts on an offered item within this many "
+                   "of their next events.")
+@click.option("--coupons", "coupons_file", type=click.Path(exists=True, dir_okay=False,
+                                                           path_type=Path), default=None,
+              help="A JSON list of campaigns ({coupon_id, value, budget, items, categories, "
+                   "valid_from, valid_to, max_exposures}) [default: generated from the "
+                   "events before the cut].")
+@click.option("--campaigns", type=click.IntRange(min=1), default=8,
+              help="Campaigns to generate when no --coupons file is given.")
+@click.option("--quiet-hours/--no-quiet-hours", default=True,
+              help="Apply quiet hours (switch off for logs whose times are synthesised).")
+@click.option("--tune-repeat-weight/--no-tune-repeat-weight", default=True, show_default=True,
+              help="Choose policy.push_repeat_weight on a validation period before the cut "
+                   "(the report gives the value to deploy), or judge the configured one.")
+@click.option("--train-minutes", type=click.FloatRange(min=0, min_open=True), default=3.0,
+              help="Training budget when no --checkpoint is given.")
+@click.option("--seed", type=int, default=0, help="Seed of training, campaigns and the random "
+              "policy.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("simulation"), help="Where simulation.json, simulation.png (and "
+              "the trained model) are written.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object "
+              "on stdout (progress goes to stderr).")
+@click.option("--progress/--no-progress", default=True, help="Show progress (on stderr).")
+@pass_context
+def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
+             train_fraction: float, horizon: int, coupons_file: Path | None, campaigns: int,
+             quiet_hours: bool,
+             tune_repeat_weight: bool, train_minutes: float, seed: int, out_dir: Path,
+             as_json: bool, progress: bool) -> None:
+    """Judge decisions offline by what users really did next, beside baselines.
+
+    Cuts the data in time, trains on (or uses a checkpoint for) the part before the cut, and
+    replays the rest through the worker's own state and policy code. Compares our policy with
+    random, popularity, repeat (the user's own items first), holdout (no coupon) and ours
+    without the propensity gate or the repeat prior, on the same users and moments: hit rate,
+    new-item hit rate, coupon cost, cost per incremental purchase, caps and budgets binding,
+    propensity calibration and coupon exposure. The repeat prior's weight is chosen on a
+    validation period before the cut. Policy knobs come from the settings (`promo config`).
+    Example:
+
+        promo simulate --dataset instacart-sample --json
+    """
+    import dataclasses
+    import json
+
+    import orjson
+
+    from encoder.checkpoint import CheckpointError
+    from encoder.inference import Encoder
+    from stream import simulate as sim
+    from stream.contracts import Coupon
+
+    def say(text: str) -> None:
+        if progress:
+            click.echo(text, err=True)
+
+    name, rows, _ = load_data(context.settings, data, progress=progress)
+    config = sim.SimulationConfig(train_fraction=train_fraction, horizon=horizon,
+                                  campaigns=campaigns, seed=seed, quiet_hours=quiet_hours,
+                                  tune_repeat_weight=tune_repeat_weight,
+                                  policy=context.settings.policy)
+    coupons = None
+    if coupons_file is not None:
+        try:
+            coupons = [Coupon.from_json(str(c["coupon_id"]), orjson.dumps(c))
+                       for c in json.loads(coupons_file.read_text())]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise click.ClickException(f"{coupons_file}: not a list of campaigns: {exc}") from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder: ServingModel
+    try:
+        if checkpoint_dir is not None:
+            encoder = Encoder.load(checkpoint_dir)
+        else:
+            before, _, _ = sim.time_split(rows, train_fraction)
+            say(f"training an encoder on the {len(before):,} events before the cut "
+                f"(at most {train_minutes:g} min)")
+            encoder = sim.train_before_cut(before, out_dir / "model", minutes=train_minutes,
+                                           seed=seed, progress=progress, log=say)
+        result = sim.simulate(rows, encoder, config, coupons, progress=say)
+    except (CheckpointError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = result | {"source": name,
+                       "settings": dataclasses.asdict(config) | {"train_minutes": train_minutes}}
+    (out_dir / "simulation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "simulation.png").write_bytes(sim.report_png(result))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for line in sim.summary_lines(result):
+            click.echo(line)
+        click.echo(f"wrote {out_dir / 'simulation.json'} and {out_dir / 'simulation.png'}")
+
+
+COMMANDS = [train, evaluate, publish, simulate]
