@@ -1,10 +1,12 @@
 # The two commands a new user needs (see README): `make demo` and `make test`.
 # Both install what is missing first (scripts/bootstrap.sh is idempotent and quick when done).
+# `make check` is the fast loop while editing: lint, types and every test that needs no broker,
+# worker process or long training (tests/conftest.py marks the others `kafka` / `slow`).
 
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck clean
+.PHONY: install demo check test lint typecheck clean
 
 install:
 	@bash scripts/bootstrap.sh
@@ -17,6 +19,9 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+check: install lint typecheck
+	$(BIN)/pytest -m "not kafka and not slow"
 
 test: install lint typecheck
 	$(BIN)/pytest

@@ -26,6 +26,24 @@ from tests.support import FIXTURE_DATASETS, PromoProcess
 from tests.workers import worker_env
 
 
+#: Modules whose tests start brokers, workers or Prometheus themselves (not through the
+#: session broker): they are `kafka` tests too, left out of `make check`.
+_STARTS_REAL_PARTS = ("tests/bench/", "tests/reliability/", "tests/deploy/test_launcher.py",
+                      "tests/deploy/test_alerts_live.py", "tests/deploy/test_prometheus.py",
+                      "tests/test_clone.py", "tests/test_first_hour.py", "tests/test_readme.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real broker as `kafka`, from what it uses, so that
+    `make check` (``-m "not kafka and not slow"``) cannot run one by mistake."""
+    root = Path(str(config.rootpath))
+    for item in items:
+        where = Path(str(item.path)).relative_to(root).as_posix()
+        if ("kafka_cluster" in getattr(item, "fixturenames", ())
+                or where.startswith(_STARTS_REAL_PARTS)):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(scope="session")
 def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[launcher.Cluster]:
     """One real single-node KRaft broker for the whole session, started by our launcher."""
