@@ -374,6 +374,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
                     else Reason.INVALID_VALUE, str(exc)[:200]))
                 return
         store.put_preferences(record.partition, key, value)  # None: a tombstone forgets
+        metrics.preferences_stored.inc()
 
     async def _dead_letter(record: Any, rejection: Rejection,
                            exception: str | None = None) -> None:

@@ -73,6 +73,10 @@ class Metrics:
             "Valid events a producer put on another partition than murmur2(user_id) picks, "
             "forwarded to the repartition topic (use a murmur2 partitioner to avoid the hop).",
             registry=r)
+        self.preferences_stored = Counter(
+            "promo_stream_preferences_stored",
+            "Preferences records (consent, time zone) stored, or forgotten by a tombstone; "
+            "rejected ones count under promo_stream_records_rejected_total.", registry=r)
         # Micro-batches
         self.batch_size = Histogram(
             "promo_stream_batch_size_records", "Records per micro-batch.",

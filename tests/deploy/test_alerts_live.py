@@ -28,7 +28,7 @@ from stream.contracts import Coupon, Event, Preferences
 from stream.replay import to_events
 from stream.topics import ensure_topics
 from tests.prometheus import Prometheus
-from tests.support import PromoProcess, produce_raw, wait_until
+from tests.support import PromoProcess, produce_raw, sample, scrape, wait_until
 from tests.workers import accounted, send_coupons, send_events, send_preferences, worker_env
 
 pytestmark = pytest.mark.kafka
@@ -160,7 +160,9 @@ def test_a_healthy_worker_is_quiet_and_each_fault_raises_exactly_its_alert(
         prom = prometheus_for(port)
         quiet = {f"quiet-{n}": Preferences(False, False) for n in range(50)}
         send_preferences(settings, quiet)
-        time.sleep(2)  # the preferences are read before the events (one topic each)
+        stored = sample(scrape(port), "promo_stream_preferences_stored_total")
+        wait_until(lambda: sample(scrape(port), "promo_stream_preferences_stored_total")
+                   >= stored + len(quiet), timeout=60, what="the opt-outs stored")
         send_events(settings, [Event(f"q-{u}", u, "add_to_cart", "13176", now_ms())
                                for u in quiet])
         exactly(prom, "PromoNoDecisions")

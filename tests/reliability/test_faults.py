@@ -41,6 +41,7 @@ pytestmark = pytest.mark.kafka
 
 SOAK = int(os.environ.get("PROMO_SOAK", "0") or 0) > 0
 SCALE = 5 if SOAK else 1
+BROKER_DOWN_SECONDS = 3.0
 COUPONS = [Coupon("fresh", value=2.0, budget=30.0, items=("24852", "13176", "21137")),
            Coupon("anything", value=1.0, budget=20.0, max_exposures=15)]
 
@@ -117,11 +118,11 @@ def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, settings: Set
     try:
         asyncio.run(ensure_topics(settings.kafka))
         events = live_events(3000 * SCALE, "bounce")
-        proc, _ = start_worker(settings, checkpoints["v1"], tmp_path / "worker.log")
+        proc, port = start_worker(settings, checkpoints["v1"], tmp_path / "worker.log")
         send_events(settings, events[: len(events) // 2])
-        time.sleep(1.0)
+        wait_until(lambda: accounted(port) > 0, timeout=120, what="processing to start")
         launcher.stop_node(tmp_path / "broker", 1)  # SIGTERM, mid-processing
-        time.sleep(3.0)
+        time.sleep(BROKER_DOWN_SECONDS)  # the fault itself: no broker for this long
         launcher.start_node(tmp_path / "broker", 1)
         send_events(settings, events[len(events) // 2:])
         wait_until(lambda: committed_everything(settings), timeout=240,
@@ -193,15 +194,16 @@ def test_a_worker_joining_and_leaving_moves_state_without_splitting_it(
     asyncio.run(ensure_topics(settings.kafka))
     events = live_events(5000 * SCALE, "rebalance")
     replay = BackgroundReplay(settings, events, rate=len(events) / 30.0)
-    first, _ = start_worker(settings, checkpoints["v1"], tmp_path / "a.log")
+    first, port_a = start_worker(settings, checkpoints["v1"], tmp_path / "a.log")
     replay.start()
-    time.sleep(6)
+    wait_until(lambda: accounted(port_a) >= len(events) // 5, timeout=120,
+               what="the first worker to build state alone")
     # Its own state directory, as on its own machine: RocksDB locks a directory per process.
     elsewhere = dataclasses.replace(settings, worker=dataclasses.replace(
         settings.worker, data_dir=str(tmp_path / "worker-b")))
     second, port_b = start_worker(elsewhere, checkpoints["v1"], tmp_path / "b.log")
-    time.sleep(8)
-    wait_until(lambda: accounted(port_b) > 0, timeout=60, what="the second worker to work")
+    wait_until(lambda: accounted(port_b) >= len(events) // 20, timeout=120,
+               what="the second worker to work on its share")
     assert second.stop() == 0  # leaves: its partitions and their state move back
     replay.finish()
     try:

@@ -62,7 +62,7 @@ def test_state_vectors_and_decisions_on_real_events(settings: Settings, run_work
     prefs[night_owl] = Preferences(True, True, timezone=night)
     send_preferences(settings, prefs)
     _, port = run_worker(checkpoints["v1"])
-    time.sleep(2)  # let the preferences agent store them before the events arrive
+    # No wait needed: a starting worker reads the preferences to their end before any event.
 
     events = list(to_events(rows, id_prefix="core", clock=now_ms))
     send_events(settings, events)
@@ -148,9 +148,16 @@ def test_a_cart_without_purchase_gets_exactly_one_reminder(settings: Settings, r
     send_events(settings, events)
     wait_until(lambda: accounted(port) >= len(events), timeout=60, what="events processed")
     send_preferences(settings, {"changed-mind": Preferences(False, False)})  # opts out while
-    time.sleep(8)  # the reminder is pending; the timer fires after 3 s, checked every second
-    reminders = [d for d in read_decisions(settings)
-                 if d["reasons"][0]["code"] == "cart_abandoned"]
+    # the reminder is pending: the timer fires after 3 s, checked every second.
+    wait_until(lambda: sample(scrape(port), "promo_decisions_triggers_total",
+                              kind="cart_abandoned") >= 2, timeout=60, what="both carts due")
+
+    def reminders_now() -> list[dict]:  # type: ignore[type-arg]
+        return [d for d in read_decisions(settings, idle=1.0)
+                if d["reasons"][0]["code"] == "cart_abandoned"]
+
+    wait_until(lambda: reminders_now(), timeout=30, what="the reminder published")
+    reminders = reminders_now()
     assert [d["user_id"] for d in reminders] == ["abandoner"]
     [reminder] = reminders
     assert reminder["action"] == "push" and reminder["push"]["template"] == "cart_reminder"
