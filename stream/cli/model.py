@@ -389,7 +389,7 @@ def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
 
     from encoder.checkpoint import CheckpointError
     from encoder.inference import Encoder
-    from stream import simulate as sim
+    from stream import offline
     from stream.contracts import Coupon
 
     def say(text: str) -> None:
@@ -397,10 +397,10 @@ def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
             click.echo(text, err=True)
 
     name, rows, _ = load_data(context.settings, data, progress=progress)
-    config = sim.SimulationConfig(train_fraction=train_fraction, horizon=horizon,
-                                  campaigns=campaigns, seed=seed, quiet_hours=quiet_hours,
-                                  tune_repeat_weight=tune_repeat_weight,
-                                  policy=context.settings.policy)
+    config = offline.SimulationConfig(train_fraction=train_fraction, horizon=horizon,
+                                      campaigns=campaigns, seed=seed, quiet_hours=quiet_hours,
+                                      tune_repeat_weight=tune_repeat_weight,
+                                      policy=context.settings.policy)
     coupons = None
     if coupons_file is not None:
         try:
@@ -414,22 +414,23 @@ def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
         if checkpoint_dir is not None:
             encoder = Encoder.load(checkpoint_dir)
         else:
-            before, _, _ = sim.time_split(rows, train_fraction)
+            before, _, _ = offline.time_split(rows, train_fraction)
             say(f"training an encoder on the {len(before):,} events before the cut "
                 f"(at most {train_minutes:g} min)")
-            encoder = sim.train_before_cut(before, out_dir / "model", minutes=train_minutes,
-                                           seed=seed, progress=progress, log=say)
-        result = sim.simulate(rows, encoder, config, coupons, progress=say)
+            encoder = offline.train_before_cut(before, out_dir / "model",
+                                               minutes=train_minutes, seed=seed,
+                                               progress=progress, log=say)
+        result = offline.simulate(rows, encoder, config, coupons, progress=say)
     except (CheckpointError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     result = result | {"source": name,
                        "settings": dataclasses.asdict(config) | {"train_minutes": train_minutes}}
     (out_dir / "simulation.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "simulation.png").write_bytes(sim.report_png(result))
+    (out_dir / "simulation.png").write_bytes(offline.report_png(result))
     if as_json:
         click.echo(json.dumps(result))
     else:
-        for line in sim.summary_lines(result):
+        for line in offline.summary_lines(result):
             click.echo(line)
         click.echo(f"wrote {out_dir / 'simulation.json'} and {out_dir / 'simulation.png'}")
 
