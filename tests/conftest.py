@@ -25,7 +25,6 @@ from stream.topics import ensure_topics
 from tests.support import FIXTURE_DATASETS, PromoProcess
 from tests.workers import worker_env
 
-
 #: Modules whose tests start brokers, workers or Prometheus themselves (not through the
 #: session broker): they are `kafka` tests too, left out of `make check`.
 _STARTS_REAL_PARTS = ("tests/bench/", "tests/reliability/", "tests/deploy/test_launcher.py",
