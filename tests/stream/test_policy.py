@@ -137,6 +137,18 @@ def test_users_opted_out_of_everything_get_no_record_at_all() -> None:
     assert decide("u1", active_user(), VECTOR, CART, prefs, ctx()) is None
 
 
+@pytest.mark.parametrize("default", [True, False])
+def test_a_flag_a_record_leaves_out_is_the_default_exactly_as_with_no_record(
+        default: bool) -> None:
+    config = PolicyConfig(holdout_percent=0, default_push_opt_in=default)
+    silent = Preferences(push_opt_in=None, coupon_opt_in=False)  # says nothing about pushes
+    with_record = decide("u1", active_user(), VECTOR, CART, silent, ctx([], config))
+    without = decide("u1", active_user(), VECTOR, CART,
+                     None, ctx([], dataclasses.replace(config, default_coupon_opt_in=False)))
+    sent = [d is not None and d.action == "push" for d in (with_record, without)]
+    assert sent == [default, default]
+
+
 def test_coupon_opt_out_leaves_a_push() -> None:
     prefs = Preferences(push_opt_in=True, coupon_opt_in=False)
     d = decide("u1", active_user(), VECTOR, CART, prefs, ctx())

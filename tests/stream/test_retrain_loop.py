@@ -50,9 +50,10 @@ def test_a_model_retrained_from_the_event_log_is_published_and_served_without_re
     wait_until(lambda: accounted(port) >= len(rows), timeout=120, what="the log processed")
 
     candidate = tmp_path / "models" / "v2"
-    _promo(settings, "train", "--from-kafka", "--out", str(candidate), "--epochs", "8",
-           "--patience", "8", "--lr", "0.01", "--d-model", "32", "--d-ff", "64",
-           "--no-progress")
+    trained = _promo(settings, "train", "--from-kafka", "--out", str(candidate), "--epochs", "8",
+                     "--patience", "8", "--lr", "0.01", "--d-model", "32", "--d-ff", "64",
+                     "--no-progress")
+    assert "it/s]" not in trained.stderr and "%|" not in trained.stderr  # no tqdm bar at all
     meta = json.loads((candidate / "metrics.json").read_text())
     source = meta["data"]
     assert source["kafka_topic"] == settings.kafka.events_topic
