@@ -20,7 +20,6 @@ import click
 from stream import logs
 from stream.cli import broker, campaigns, model, observe, streaming
 from stream.cli.common import Context, pass_context
-from stream.config import as_toml
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -91,6 +90,8 @@ def explain(exc: BaseException) -> str:
 @pass_context
 def show_config(context: Context) -> None:
     """Print the effective settings as TOML (secrets masked)."""
+    from stream.config import as_toml
+
     click.echo(as_toml(context.settings), nl=False)
 
 

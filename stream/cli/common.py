@@ -9,11 +9,12 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from stream.config import ConfigError, Settings, load_settings
+if TYPE_CHECKING:
+    from stream.config import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -28,6 +29,8 @@ class Context:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
+            from stream.config import ConfigError, load_settings  # pydantic: only when needed
+
             try:
                 self._settings = load_settings(self.config_path)
             except ConfigError as exc:
@@ -80,13 +83,12 @@ _DATA_PARAMS = ("dataset", "interactions", "user_col", "item_col", "time_col", "
 def data_options(*, from_kafka: bool) -> Callable[[F], F]:
     """The options that name interaction data, the same for every command that reads some;
     they arrive as one ``data: DataChoice`` argument."""
-    from encoder.data import DATASET_NAMES
-
     def decorate(f: F) -> F:
         options = [
             click.option("--dataset", metavar="NAME",
-                         help=f"A named dataset: {', '.join(DATASET_NAMES)} (instacart comes "
-                              "installed; the others are looked up in --datasets-dir)."),
+                         help="A named dataset: instacart comes installed; the research "
+                              "datasets are read from --datasets-dir (a wrong name lists them "
+                              "all)."),
             click.option("--interactions", type=click.Path(exists=True, dir_okay=False,
                                                            path_type=Path),
                          help="Any CSV (or .csv.gz) of interactions instead: one row per "

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import click
 
 from encoder.config import EncoderConfig, TrainConfig
-from encoder.vocab import EVENT_TYPES
 from stream.cli.common import Context, DataChoice, data_options, load_data, pass_context
 
 if TYPE_CHECKING:
@@ -32,6 +31,8 @@ def _target_types(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None
     names = tuple(t.strip() for t in text.split(",") if t.strip())
+    from encoder.vocab import EVENT_TYPES
+
     unknown = [t for t in names if t not in EVENT_TYPES]
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: not in {', '.join(EVENT_TYPES)}",
