@@ -4,6 +4,7 @@ and a handler that never raises on any input the contract allows or forbids."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,6 +117,33 @@ def test_an_abandoned_cart_is_reminded_of_its_whole_item_however_long() -> None:
     h.check_carts()
     assert len([d for d in h.decisions() if d["trigger_event_id"].startswith("cart:")]) == 3
     assert h.store.due_carts(h.now_ms) == []
+
+
+def reminders(h: Harness) -> list[dict[str, Any]]:
+    return [d for d in h.decisions() if d["reasons"][0]["code"] == "cart_abandoned"]
+
+
+def test_a_cart_is_reminded_once_when_due_and_not_before() -> None:
+    h = Harness(policy=dataclasses.replace(CART, coupon_daily_cap=0), now_ms=NOON)
+    h.run(records(h, [cart_add("abandoner")]))
+    h.now_ms += 59_000
+    h.check_carts()
+    assert reminders(h) == []
+    h.now_ms += 2_000
+    h.check_carts()
+    h.now_ms += 3_600_000
+    h.check_carts()
+    assert [(d["user_id"], d["action"]) for d in reminders(h)] == [("abandoner", "push")]
+
+
+def test_an_opt_out_while_a_reminder_is_pending_silences_it() -> None:
+    h = Harness(policy=CART, now_ms=NOON)
+    h.run(records(h, [cart_add("changed-mind")]))
+    h.set_preferences("changed-mind", contracts.Preferences(False, False))
+    h.now_ms += 61_000
+    h.check_carts()
+    assert reminders(h) == []
+    assert h.store.due_carts(h.now_ms) == []  # handled, not left to fire later
 
 
 def test_a_cart_added_again_at_the_same_millisecond_is_a_new_reminder() -> None:
