@@ -465,7 +465,7 @@ class Pipeline:
             if triggers:
                 fired[user_id] = triggers[0]
         for trigger in fired.values():
-            if trigger.kind == "cart_abandoned":
+            if trigger.kind == TriggerKind.CART_ABANDONED:
                 done.triggers[trigger.kind] += 1
         return fired
 
@@ -538,7 +538,7 @@ class Pipeline:
                                                         "trigger": trigger.kind})
                 done.rejected[Reason.PROCESSING_ERROR.value] += 1
                 error = f"deciding failed: {type(exc).__name__}: {exc}"[:500]
-                if user.due_cart is not None and trigger.kind == "cart_abandoned":
+                if user.due_cart is not None and trigger.kind == TriggerKind.CART_ABANDONED:
                     s.cart_reminded = True  # decided (as failed) once, not on every tick
                     done.outputs.append(self._timer_dead_letter(
                         user.due_cart, error, type(exc).__name__, done.now_ms))
@@ -554,7 +554,7 @@ class Pipeline:
             done.result.decisions.append(decision)
             # A timer decision's latency runs from the timer, not from the cart add.
             done.result.trigger_ts_ms.append(
-                done.now_ms if trigger.kind == "cart_abandoned" else trigger.ts_ms)
+                done.now_ms if trigger.kind == TriggerKind.CART_ABANDONED else trigger.ts_ms)
             done.outputs.append(Output(self.topics.decisions, user_id.encode(),
                                        decision.to_json(), user.partition))
 
@@ -577,7 +577,7 @@ class Pipeline:
                                  vector_stale=current and user.state.vector_stale)
         if decision is not None and decision.to_send:
             user.state.channels[decision.action].record_send(now_ms)
-        if trigger.kind == "cart_abandoned":
+        if trigger.kind == TriggerKind.CART_ABANDONED:
             user.state.cart_reminded = True  # decided once, even if consent said nothing
         return decision
 

@@ -320,7 +320,7 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
         return none(*blocked, "no_candidates")
     for code in blocked:
         reasons.append({"code": code})
-    template = "cart_reminder" if trigger.kind == "cart_abandoned" else "recommendation"
+    template = "cart_reminder" if trigger.kind == TriggerKind.CART_ABANDONED else "recommendation"
     return _decision(user_id, trigger, Action.PUSH, score, reasons, holdout, ctx,
                      push={"template": template, "items": items})
 
@@ -398,7 +398,7 @@ def _push_items(state: UserState, vector: np.ndarray | None, trigger: Trigger, c
     cfg, model = ctx.config, ctx.model
     # The abandoned cart's item (the trigger names it) leads for its own reason, not because
     # the prior lifted it.
-    lead = list(trigger.items[:1]) if trigger.kind == "cart_abandoned" else []
+    lead = list(trigger.items[:1]) if trigger.kind == TriggerKind.CART_ABANDONED else []
     items = list(lead)
     score = 0.0
     if model is not None:

@@ -14,7 +14,7 @@ from encoder.data import Interaction
 from encoder.vocab import item_key
 from stream import state as user_state
 from stream.config import PolicyConfig
-from stream.contracts import Coupon, Decision
+from stream.contracts import Action, Arm, Coupon, Decision
 from stream.offline.moments import Moment
 from stream.policy import (
     Context,
@@ -125,7 +125,7 @@ def run_policy(model: ItemModel | None, config: PolicyConfig, moments: Sequence[
         codes = {r["code"] for r in decision.reasons} & set(BINDING_CODES)
         result.binding.update(codes)
         result.bound += bool(codes)
-        if decision.action == "none":
+        if decision.action == Action.NONE:
             continue
         st.channels[decision.action].record_send(moment.now_ms)
         bucket[1] += 1
@@ -136,12 +136,12 @@ def run_policy(model: ItemModel | None, config: PolicyConfig, moments: Sequence[
         result.new_item_hits += hit and _new_item_hit(
             decision, st, future[moment.user_id][start:end], converts)
         if decision.coupon is not None:
-            if decision.arm == "holdout":  # reserve as if sent: the holdout mirrors ours' mix
+            if decision.arm == Arm.HOLDOUT:  # reserve as if sent: the holdout mirrors ours' mix
                 budgets[decision.coupon["coupon_id"]].issue(decision.coupon["discount"])
             result.coupons += 1
             result.exposures[decision.coupon["coupon_id"]] += 1
             result.coupon_hits += hit
-            if decision.arm == "treatment":
+            if decision.arm == Arm.TREATMENT:
                 result.coupon_granted += decision.coupon["discount"]
                 result.coupon_cost += decision.coupon["discount"] if hit else 0.0
             if gate is not None and calibrated(moment.propensity, gate) >= \
