@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,11 +40,19 @@ def stream_facts() -> dict[str, Any]:
 
 
 @contextmanager
-def broker(workdir: Path, partitions: int) -> Iterator[Settings]:
-    """A single-node KRaft broker for the run, and default settings pointing at it."""
+def broker(workdir: Path, partitions: int, bootstrap_servers: str | None = None
+           ) -> Iterator[Settings]:
+    """Default settings pointing at a broker for the run: a single-node KRaft broker started
+    here, or the running one at ``bootstrap_servers`` (then on topics and a consumer group of
+    this run's own, so earlier runs on it cannot leak in)."""
+    base = load_settings(environ={})
+    if bootstrap_servers:
+        yield with_topics(dataclasses.replace(base, kafka=dataclasses.replace(
+            base.kafka, bootstrap_servers=bootstrap_servers, partitions=partitions)),
+            f"run{uuid.uuid4().hex[:8]}")
+        return
     cluster = launcher.start(workdir / "broker", nodes=1)
     try:
-        base = load_settings(environ={})
         yield dataclasses.replace(base, kafka=dataclasses.replace(
             base.kafka, bootstrap_servers=cluster.bootstrap_servers, partitions=partitions))
     finally:
@@ -197,7 +206,11 @@ def quick_checkpoint(workdir: Path) -> Path:
 
 
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
-    """--partitions and --checkpoint, as the streaming benchmarks take them."""
+    """--partitions, --checkpoint and --bootstrap-servers, as the streaming benchmarks take
+    them."""
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--bootstrap-servers", default=None,
+                        help="run on this running broker (on fresh topics) [default: start a "
+                             "local broker for the run]")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="encoder checkpoint for the worker [default: train one epoch]")

@@ -141,7 +141,7 @@ def main() -> None:
     out = args.out_dir / ("latency_quick" if args.quick else "latency")
 
     with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \
-            broker(Path(tmp), args.partitions) as base:
+            broker(Path(tmp), args.partitions, args.bootstrap_servers) as base:
         workdir = Path(tmp)
         checkpoint = args.checkpoint or quick_checkpoint(workdir)
         window = base.worker.batch_max_seconds

@@ -78,8 +78,10 @@ async def raw_aiokafka(settings: Settings, n: int) -> float:
 def naive_faust(settings: Settings, n: int, workdir: Path) -> float:
     env = {**os.environ, "NAIVE_BOOTSTRAP": settings.kafka.bootstrap_servers,
            "NAIVE_TOPIC": settings.kafka.events_topic, "NAIVE_EVENTS": str(n),
-           "NAIVE_DATADIR": str(workdir / "naive"), "NAIVE_APP_ID": "bench-naive",
-           "NAIVE_PARTITIONS": str(settings.kafka.partitions), "NAIVE_OUT": "bench-naive-out"}
+           "NAIVE_DATADIR": str(workdir / "naive"),
+           "NAIVE_APP_ID": f"{settings.worker.app_id}-naive",
+           "NAIVE_PARTITIONS": str(settings.kafka.partitions),
+           "NAIVE_OUT": f"{settings.kafka.events_topic}-naive-out"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "naive_faust.py")], env=env,
                           capture_output=True, text=True, timeout=1800, check=False)
     # faust redirects stdout into its log, so the result line may carry a log prefix.
@@ -108,7 +110,7 @@ def main() -> None:
     out = args.out_dir / f"pipeline_throughput{suffix}"
     profile = args.out_dir / f"pipeline_profile{suffix}.txt" if args.profile else None
     with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \
-            broker(Path(tmp), args.partitions) as settings:
+            broker(Path(tmp), args.partitions, args.bootstrap_servers) as settings:
         workdir = Path(tmp)
         rows = real_events(args.events)
         prefill(settings, rows, "bench")

@@ -169,7 +169,7 @@ def main() -> None:
     out = args.out_dir / f"scaling{suffix}"
     sizes: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="promo-bench-") as tmp, \
-            broker(Path(tmp), args.partitions) as settings:
+            broker(Path(tmp), args.partitions, args.bootstrap_servers) as settings:
         workdir = Path(tmp)
         checkpoint = args.checkpoint or quick_checkpoint(workdir)
         for users in sorted(args.users):

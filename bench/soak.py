@@ -185,7 +185,7 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     with tempfile.TemporaryDirectory(prefix="promo-soak-") as tmp, \
-            broker(Path(tmp), args.partitions) as base:
+            broker(Path(tmp), args.partitions, args.bootstrap_servers) as base:
         workdir = Path(tmp)
         checkpoint = args.checkpoint or quick_checkpoint(workdir)
         settings = with_topics(base, "soak")

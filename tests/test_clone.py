@@ -17,6 +17,7 @@ pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow(seconds=30)
 def test_the_demo_runs_from_a_clone_with_nothing_beside_it(tmp_path: Path) -> None:
     clone = tmp_path / "promo-stream"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)

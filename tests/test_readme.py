@@ -33,6 +33,7 @@ def walkthrough() -> list[str]:
             if line.strip()]
 
 
+@pytest.mark.slow(seconds=60)
 def test_the_readme_retrain_walkthrough_works_as_written(settings, tmp_path: Path) -> None:
     port = "0"  # any free port for the worker's metrics: read back from its log
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}

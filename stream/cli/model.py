@@ -356,6 +356,9 @@ def publish(context: Context, candidate: Path, live: Path, data: DataChoice,
                    "(the report gives the value to deploy), or judge the configured one.")
 @click.option("--train-minutes", type=click.FloatRange(min=0, min_open=True), default=3.0,
               help="Training budget when no --checkpoint is given.")
+@click.option("--train-epochs", type=click.IntRange(min=1), default=None,
+              help="Stop training after this many epochs, if the budget has not ended it "
+                   "[default: the training default].")
 @click.option("--seed", type=int, default=0, help="Seed of training, campaigns and the random "
               "policy.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -368,7 +371,8 @@ def publish(context: Context, candidate: Path, live: Path, data: DataChoice,
 def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
              train_fraction: float, horizon: int, coupons_file: Path | None, campaigns: int,
              quiet_hours: bool,
-             tune_repeat_weight: bool, train_minutes: float, seed: int, out_dir: Path,
+             tune_repeat_weight: bool, train_minutes: float, train_epochs: int | None,
+             seed: int, out_dir: Path,
              as_json: bool, progress: bool) -> None:
     """Judge decisions offline by what users really did next, beside baselines.
 
@@ -389,6 +393,7 @@ def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
     import orjson
 
     from encoder.checkpoint import CheckpointError
+    from encoder.config import TrainConfig
     from encoder.inference import Encoder
     from stream import offline
     from stream.contracts import Coupon
@@ -418,14 +423,17 @@ def simulate(context: Context, data: DataChoice, checkpoint_dir: Path | None,
             before, _, _ = offline.time_split(rows, train_fraction)
             say(f"training an encoder on the {len(before):,} events before the cut "
                 f"(at most {train_minutes:g} min)")
-            encoder = offline.train_before_cut(before, out_dir / "model",
-                                               minutes=train_minutes, seed=seed,
+            training = TrainConfig(max_minutes=train_minutes, seed=seed)
+            if train_epochs is not None:
+                training = dataclasses.replace(training, epochs=train_epochs)
+            encoder = offline.train_before_cut(before, out_dir / "model", training,
                                                progress=progress, log=say)
         result = offline.simulate(rows, encoder, config, coupons, progress=say)
     except (CheckpointError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     result = result | {"source": name,
-                       "settings": dataclasses.asdict(config) | {"train_minutes": train_minutes}}
+                       "settings": dataclasses.asdict(config) | {"train_minutes": train_minutes,
+                                                                "train_epochs": train_epochs}}
     (out_dir / "simulation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out_dir / "simulation.png").write_bytes(offline.report_png(result))
     if as_json:

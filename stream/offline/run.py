@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import Interaction
 from stream.contracts import Coupon
 from stream.offline.baselines import BaselineItems, popularity_scores
@@ -157,17 +158,15 @@ def choose_repeat_weight(before: Sequence[Interaction], encoder: ServingModel,
             "validation_hit_rate": {str(w): round(r, 4) for w, r in rates.items()}}
 
 
-def train_before_cut(before: Sequence[Interaction], out: Path, *, minutes: float, seed: int,
+def train_before_cut(before: Sequence[Interaction], out: Path, config: TrainConfig, *,
                      progress: bool = True,
                      log: Callable[[str], None] = print) -> ServingModel:
     """Train the default encoder on the events before the cut, save it in ``out`` and load it
     back as the worker would (so its model_version is the checkpoint's)."""
     from encoder import checkpoint
     from encoder import train as training
-    from encoder.config import EncoderConfig, TrainConfig
     from encoder.inference import Encoder
 
-    config = TrainConfig(max_minutes=minutes, seed=seed)
     result = training.train(before, EncoderConfig(), config, progress=progress, log=log)
     meta = training.metadata(result, config, {"simulation": "events before the cut",
                                               "interactions_loaded": len(before)})

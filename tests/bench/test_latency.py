@@ -11,10 +11,12 @@ from tests.support import run_bench
 
 
 @pytest.mark.kafka
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_quick_mode_samples_every_decision_and_merges_its_key(
-        tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    last_line, merged = run_bench("latency.py", tmp_path, "--checkpoint", str(checkpoints["v1"]))
+        tmp_path: Path, checkpoints: dict[str, Path], bootstrap: str) -> None:
+    last_line, merged = run_bench("latency.py", tmp_path,
+                                  "--checkpoint", str(checkpoints["v1"]),
+                                  "--bootstrap-servers", bootstrap)
     assert last_line.startswith("latency p99 / batch window = ")
     assert merged["latency_p99_over_window"] > 0
     result = json.loads((tmp_path / "latency_quick.json").read_text())

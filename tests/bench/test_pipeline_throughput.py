@@ -11,11 +11,12 @@ from tests.support import run_bench
 
 
 @pytest.mark.kafka
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_quick_mode_measures_all_four_and_merges_its_keys(
-        tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+        tmp_path: Path, checkpoints: dict[str, Path], bootstrap: str) -> None:
     last_line, merged = run_bench("pipeline_throughput.py", tmp_path,
-                                  "--checkpoint", str(checkpoints["v1"]))
+                                  "--checkpoint", str(checkpoints["v1"]),
+                                  "--bootstrap-servers", bootstrap)
     assert last_line.startswith("c/b = ")
     assert merged["pipeline_vs_naive_faust"] > 0 and merged["pipeline_vs_raw_aiokafka"] > 0
     assert 0 < merged["state_bytes_per_user"] <= 1024

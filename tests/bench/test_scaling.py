@@ -11,10 +11,12 @@ from tests.support import run_bench
 
 
 @pytest.mark.kafka
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_quick_mode_measures_each_size_and_merges_its_key(
-        tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    last_line, merged = run_bench("scaling.py", tmp_path, "--checkpoint", str(checkpoints["v1"]))
+        tmp_path: Path, checkpoints: dict[str, Path], bootstrap: str) -> None:
+    last_line, merged = run_bench("scaling.py", tmp_path,
+                                  "--checkpoint", str(checkpoints["v1"]),
+                                  "--bootstrap-servers", bootstrap)
     assert last_line.startswith("throughput 10,000 / 1,000 users = ")
     assert merged["throughput_1m_over_10k_users"] > 0
     result = json.loads((tmp_path / "scaling_quick.json").read_text())

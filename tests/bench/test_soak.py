@@ -12,10 +12,12 @@ from tests.support import run_bench
 
 
 @pytest.mark.kafka
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)
 def test_quick_soak_commits_every_reminder_once_and_merges_its_keys(
-        tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    last_line, merged = run_bench("soak.py", tmp_path, "--checkpoint", str(checkpoints["v1"]))
+        tmp_path: Path, checkpoints: dict[str, Path], bootstrap: str) -> None:
+    last_line, merged = run_bench("soak.py", tmp_path,
+                                  "--checkpoint", str(checkpoints["v1"]),
+                                  "--bootstrap-servers", bootstrap)
     assert last_line.startswith("soak: restarts 0, lost 0, duplicated 0")
     result = json.loads((tmp_path / "soak_quick.json").read_text())
     assert result["silences_over_twice_the_timeout"] == 1

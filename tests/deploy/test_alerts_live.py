@@ -111,6 +111,7 @@ def start_worker(settings: Settings, checkpoint: Path, log: Path,
     return proc, port
 
 
+@pytest.mark.slow(seconds=120)
 def test_a_healthy_worker_is_quiet_and_each_fault_raises_exactly_its_alert(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path],
         prometheus_for: Callable[..., Prometheus]) -> None:
@@ -202,6 +203,7 @@ def test_a_healthy_worker_is_quiet_and_each_fault_raises_exactly_its_alert(
         worker.stop()
 
 
+@pytest.mark.slow(seconds=55)
 def test_workers_without_a_model_on_another_version_or_not_ready_raise_their_alerts(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path],
         prometheus_for: Callable[..., Prometheus]) -> None:

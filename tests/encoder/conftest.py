@@ -18,11 +18,6 @@ TINY = EncoderConfig(n_items=40, n_oov_buckets=4, max_len=12, n_layers=2, d_mode
                      n_heads=2, d_ff=32, dropout=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _two_threads() -> None:
-    torch.set_num_threads(2)
-
-
 def patterned_interactions(n_users: int = 120, n_items: int = 30, length: int = 14,
                            seed: int = 0) -> list[Interaction]:
     """Users walk the catalogue in steps of 1 or 2 from a random start: next items are
@@ -47,7 +42,6 @@ def interactions() -> list[Interaction]:
 
 @pytest.fixture(scope="session")
 def trained(interactions: list[Interaction]) -> TrainResult:
-    torch.set_num_threads(2)
     cfg = EncoderConfig(n_oov_buckets=4, max_len=12, n_layers=2, d_model=16, n_heads=2,
                         d_ff=32, dropout=0.1)
     return train(interactions, cfg, TrainConfig(epochs=6, patience=6, lr=1e-2, batch_size=32,

@@ -72,13 +72,14 @@ def kill(proc: PromoProcess) -> None:
     proc.stop()
 
 
+@pytest.mark.slow(seconds=150)
 def test_repeated_sigkill_loses_and_doubles_nothing_under_exactly_once(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     settings = with_guarantee(settings, "exactly_once")
     asyncio.run(ensure_topics(settings.kafka))
     send_coupons(settings, COUPONS)
     events = live_events(6000 * SCALE, "kill")
-    kills = 10 * SCALE
+    kills = 6 * SCALE  # each restart waits out the dead member's session: ~25 s a kill
     rng = random.Random(7)
     replay = BackgroundReplay(settings, events, rate=len(events) / (7.0 * kills))
     proc, _ = start_worker(settings, checkpoints["v1"], tmp_path / "worker-0.log")
@@ -109,6 +110,7 @@ def test_repeated_sigkill_loses_and_doubles_nothing_under_exactly_once(
         proc.stop()
 
 
+@pytest.mark.slow(seconds=40)
 def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path, settings: Settings,
                                                    checkpoints: dict[str, Path]) -> None:
     cluster = launcher.start(tmp_path / "broker", nodes=1)
@@ -153,9 +155,11 @@ def replication_of(settings: Settings, topic: str) -> tuple[int, str]:
     return len(partition.replicas), entries["min.insync.replicas"].value
 
 
+@pytest.mark.slow(seconds=65)
 def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: Settings,
                                                       checkpoints: dict[str, Path]) -> None:
     cluster = launcher.start(tmp_path / "cluster", nodes=3, heap="384m")
+    assert len(cluster.bootstrap_servers.split(",")) == 3
     # Replication is not set: it follows the cluster (the first version left it at one copy,
     # a cluster that loses data when one broker dies).
     settings = dataclasses.replace(settings, kafka=dataclasses.replace(
@@ -187,8 +191,10 @@ def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: 
         if proc is not None:
             proc.stop()
         launcher.stop(tmp_path / "cluster")
+    assert list(launcher.java_processes(tmp_path / "cluster")) == []
 
 
+@pytest.mark.slow(seconds=55)
 def test_a_worker_joining_and_leaving_moves_state_without_splitting_it(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     asyncio.run(ensure_topics(settings.kafka))
@@ -318,6 +324,7 @@ def test_an_encoder_that_raises_never_stops_the_stream(settings: Settings, run_w
     assert proc.alive()
 
 
+@pytest.mark.slow(seconds=35)
 def test_deleting_local_state_rebuilds_it_from_the_changelog(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     asyncio.run(ensure_topics(settings.kafka))

@@ -25,7 +25,8 @@ from stream.topics import client_kwargs, ensure_topics
 from tests.support import PromoProcess, wait_until
 from tests.workers import accounted, worker_env
 
-pytestmark = pytest.mark.kafka
+# One group: both tests share the module's secured cluster (started once, not per process).
+pytestmark = [pytest.mark.kafka, pytest.mark.xdist_group("secure-cluster")]
 
 WORKER_PASSWORD = "worker-s3cret"
 APP_ID = "promo-secure"

@@ -12,7 +12,6 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import torch
 
 from encoder.config import EncoderConfig, TrainConfig
 from encoder.data import load_dataset
@@ -42,7 +41,6 @@ def histories() -> dict[str, list[tuple[str, str]]]:
 def encoder(histories: dict[str, list[tuple[str, str]]]) -> Encoder:
     from encoder.data import Interaction
 
-    torch.set_num_threads(2)
     rows = [Interaction(user, item, kind, 1_000_000 + k * 1000)
             for user, events in histories.items() for k, (item, kind) in enumerate(events)]
     rows.sort(key=lambda r: r.ts_ms)

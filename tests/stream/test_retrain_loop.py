@@ -21,7 +21,7 @@ from tests.conftest import build_checkpoint
 from tests.support import PROMO, first_users, settings_env, wait_until
 from tests.workers import accounted, read_decisions, send_events
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow(seconds=50)]
 
 USERS = 60
 

@@ -90,6 +90,7 @@ class CommittedReader:
         self.consumer.close()
 
 
+@pytest.mark.slow(seconds=50)
 def test_librdkafka_producers_and_a_read_committed_consumer_under_exactly_once(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     settings = dataclasses.replace(

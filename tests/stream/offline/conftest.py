@@ -1,11 +1,12 @@
 """Fixtures for the offline simulator's tests: a slice of real Instacart histories, an encoder
-briefly trained on the part before the cut, and the simulation report over it (built once for
-all the test modules here)."""
+trained for a few epochs on the part before the cut, and the simulation report over it (built
+once for all the test modules here)."""
 
 from __future__ import annotations
 
 import pytest
 
+from encoder.config import TrainConfig
 from encoder.data import Interaction, load_dataset
 from encoder.inference import Encoder
 from stream.config import PolicyConfig
@@ -27,8 +28,9 @@ def rows() -> list[Interaction]:
 @pytest.fixture(scope="session")
 def encoder(rows: list[Interaction], tmp_path_factory: pytest.TempPathFactory) -> Encoder:
     before, _, _ = time_split(rows, CONFIG.train_fraction)
-    return train_before_cut(before, tmp_path_factory.mktemp("sim") / "model", minutes=0.4,
-                            seed=0, progress=False, log=lambda _: None)
+    # Bounded by epochs, not minutes: the same model however busy the machine is.
+    return train_before_cut(before, tmp_path_factory.mktemp("sim") / "model",
+                            TrainConfig(epochs=6, seed=0), progress=False, log=lambda _: None)
 
 
 @pytest.fixture(scope="session")

@@ -26,10 +26,10 @@ def test_decision_rates_are_reported_by_user_activity(report: dict) -> None:
 def test_promo_simulate_reads_any_interactions_csv_and_prints_the_json(
         rows: list[Interaction], tmp_path: Path) -> None:
     csv_path = tmp_path / "slice.csv"
-    write_csv(rows[: len(rows) // 2], csv_path)
+    write_csv(rows[: len(rows) // 4], csv_path)
     done = subprocess.run(
         [PROMO, "simulate", "--interactions", str(csv_path), "--type-col", "type",
-         "--train-minutes", "0.2", "--out-dir", str(tmp_path / "out"), "--no-quiet-hours",
+         "--train-epochs", "2", "--out-dir", str(tmp_path / "out"), "--no-quiet-hours",
          "--json", "--no-progress"],
         capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
