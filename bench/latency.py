@@ -136,7 +136,7 @@ def main() -> None:
     add_output_options(parser)
     args = parser.parse_args()
     if args.quick:
-        args.events, args.seconds = 15_000, 10.0
+        args.events, args.seconds = 10_000, 10.0
     summary = summary_path(args)
     out = args.out_dir / ("latency_quick" if args.quick else "latency")
 

@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     suffix = "_quick" if args.quick else ""
     if args.quick:
-        args.events, args.naive_events = 15_000, 1_500
+        args.events, args.naive_events = 10_000, 1_500
     summary = summary_path(args)
     out = args.out_dir / f"pipeline_throughput{suffix}"
     profile = args.out_dir / f"pipeline_profile{suffix}.txt" if args.profile else None
