@@ -257,14 +257,18 @@ class PreferencesCatchUp:
         await self.check()
 
     async def check(self) -> bool:
-        if self.targets is None:
+        targets = self.targets
+        if targets is None:
             return False
         consumer = self.app.consumer
-        for tp, end in list(self.targets.items()):
+        for tp, end in list(targets.items()):
             position = await consumer.position(tp)
             if position is not None and position >= end:
-                del self.targets[tp]
-        if not self.targets and not self.ready:
+                # The batch gate and arm() check concurrently: either may get here first.
+                targets.pop(tp, None)
+        if self.targets is not targets:  # a rebalance reset or re-armed it meanwhile
+            return False
+        if not targets and not self.ready:
             self.ready = True
             self.metrics.worker_ready.set(1)
             if not self._announced:

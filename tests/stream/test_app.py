@@ -1,0 +1,75 @@
+"""The readiness gate in stream/app.py: events wait until the preferences read up to the ends
+noted at assignment, however the gate's checks interleave."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from faust.types import TP
+
+from stream.app import PreferencesCatchUp
+from stream.metrics import Metrics
+
+PREFS = "user-preferences"
+
+
+class Positions:
+    """The consumer calls the gate makes. ``position`` yields to the event loop, as the real
+    one does, so two checks can interleave."""
+
+    def __init__(self, ends: dict[TP, int]) -> None:
+        self.ends = ends
+        self.positions = dict.fromkeys(ends, 0)
+
+    def assignment(self) -> set[TP]:
+        return set(self.ends)
+
+    async def highwaters(self, *tps: TP) -> dict[TP, int]:
+        return {tp: self.ends[tp] for tp in tps}
+
+    async def position(self, tp: TP) -> int:
+        await asyncio.sleep(0)
+        return self.positions[tp]
+
+
+def gate(consumer: Positions) -> tuple[PreferencesCatchUp, Metrics]:
+    metrics = Metrics()
+    app: Any = SimpleNamespace(consumer=consumer)
+    return PreferencesCatchUp(app, {PREFS}, metrics), metrics
+
+
+def test_concurrent_checks_that_both_see_a_partition_caught_up_open_the_gate_once() -> None:
+    # Found live: a second worker joining ran the batch gate's check beside arm()'s, both
+    # saw partition 0 caught up, and the second removal raised KeyError in the fetcher.
+    tps = {TP(PREFS, 0): 5, TP(PREFS, 1): 3}
+    consumer = Positions(tps)
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        catch_up, _ = gate(consumer)
+        await catch_up.arm()
+        assert not catch_up.ready  # nothing read yet
+        consumer.positions = dict(tps)  # both partitions read to their ends
+        first, second = await asyncio.gather(catch_up.check(), catch_up.check())
+        return first, second, catch_up.ready
+
+    first, second, ready = asyncio.run(scenario())
+    assert ready and (first or second)
+
+
+def test_a_rebalance_during_a_check_leaves_the_gate_closed() -> None:
+    tps = {TP(PREFS, 0): 5}
+    consumer = Positions(tps)
+
+    async def scenario() -> tuple[bool, bool]:
+        catch_up, _ = gate(consumer)
+        await catch_up.arm()
+        consumer.positions = dict(tps)
+        checking = asyncio.ensure_future(catch_up.check())
+        await asyncio.sleep(0)  # the check is waiting on a position
+        catch_up.reset()  # partitions revoked meanwhile
+        return await checking, catch_up.ready
+
+    opened, ready = asyncio.run(scenario())
+    assert (opened, ready) == (False, False)
