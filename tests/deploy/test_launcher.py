@@ -80,8 +80,9 @@ def test_a_restarted_broker_keeps_its_data(tmp_path: Path) -> None:
     assert list(launcher.java_processes(tmp_path)) == []
 
 
-# A three-node cluster (replication following the node count, one node killed and restarted,
-# no JVM left after stop) is started once per run, by
+# A three-node cluster (three bootstrap servers, replication following the node count, every
+# replica in sync, one node killed and restarted, no JVM left after stop) is started once per
+# run, by
 # tests/reliability/test_faults.py::test_losing_one_of_three_brokers_keeps_processing.
 
 

@@ -155,6 +155,16 @@ def replication_of(settings: Settings, topic: str) -> tuple[int, str]:
     return len(partition.replicas), entries["min.insync.replicas"].value
 
 
+def in_sync_everywhere(settings: Settings, topic: str, replicas: int) -> bool:
+    """Every partition of ``topic`` has a leader and ``replicas`` in-sync replicas."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    partitions = admin.list_topics(topic, timeout=30).topics[topic].partitions.values()
+    return bool(partitions) and all(p.leader >= 0 and len(p.isrs) == replicas
+                                    for p in partitions)
+
+
 @pytest.mark.slow(seconds=65)
 def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: Settings,
                                                       checkpoints: dict[str, Path]) -> None:
@@ -170,6 +180,8 @@ def test_losing_one_of_three_brokers_keeps_processing(tmp_path: Path, settings: 
         asyncio.run(ensure_topics(settings.kafka, app_id=settings.worker.app_id))
         copies, in_sync = replication_of(settings, settings.kafka.events_topic)
         assert (copies, in_sync) == (3, "2")
+        wait_until(lambda: in_sync_everywhere(settings, settings.kafka.events_topic, 3),
+                   timeout=30, what="all three replicas of every events partition in sync")
         events = live_events(3000 * SCALE, "trio")
         proc, port = start_worker(settings, checkpoints["v1"], tmp_path / "worker.log")
         send_events(settings, events[:1000])
