@@ -8,7 +8,11 @@ Tables (RocksDB, each with a changelog topic, all co-partitioned with `events`):
 - ``users``: encoded :class:`~stream.state.UserState` per user;
 - ``coupon-budgets``: per partition, what that partition reserved of each campaign;
 - ``open-carts``: users with an open cart, its time and item, scanned by the abandonment timer;
-- ``preferences``: the `user-preferences` topic, read by a (per-event) agent.
+- ``preferences``: the `user-preferences` topic, read by a (per-event) agent;
+- ``pending-outcomes``: each decision still waiting for its outcome (its user's state holds
+  the window), and each partition's event-time watermark (key ``~watermark``);
+- ``outcome-counts``: closed decisions and conversions per group and arm, per partition
+  (:mod:`stream.outcomes`); its compacted changelog is what `promo report uplift` reads.
 
 A record on another partition than ``murmur2(key)`` picks (a producer with another
 partitioner) is forwarded to a repartition topic on the right one, for `events` by the batch
@@ -39,11 +43,15 @@ from stream.contracts import Coupon, Limits, Preferences, Reason, Rejection, dea
 from stream.exporter import write_snapshot
 from stream.metrics import MAX_CAMPAIGN_SERIES, Metrics
 from stream.models import ModelWatcher
+from stream.outcomes import Rules, totals
 from stream.pipeline import OpenCart, Pipeline, Topics
 from stream.policy import partition_budget
 from stream.topics import expected_partition, repartition_topic, sasl_password, ssl_context
 
 log = logging.getLogger(__name__)
+
+#: The key of a partition's event-time watermark in ``pending-outcomes`` (decision refs are hex).
+_WATERMARK = b"~watermark"
 
 
 @dataclass
@@ -114,6 +122,9 @@ class TableStore:
         self.budgets = table("coupon-budgets", "Per-partition coupon reservations.")
         self.carts = table("open-carts", "Open carts: user id -> cart time and item.")
         self.preferences = table("preferences", "user-preferences, by user id.")
+        self.pending = table("pending-outcomes",
+                             "Decisions waiting for their outcome, and watermarks.")
+        self.counts = table("outcome-counts", "Outcome counts per group, arm and partition.")
 
     def _context(self, partition: int) -> Any:
         return self.app.partition_context(self.events_topic, partition)
@@ -185,6 +196,45 @@ class TableStore:
             if buffer.size:
                 await asyncio.sleep(0.001)
         await self.app.producer.flush()
+
+    def get_pending(self, partition: int, refs: Sequence[str]) -> dict[str, bytes]:
+        with self._context(partition):
+            found = {ref: self.pending.get(ref.encode()) for ref in refs}
+        return {ref: raw for ref, raw in found.items() if raw is not None}
+
+    def put_pending(self, partition: int, records: Mapping[str, bytes | None]) -> None:
+        with self._context(partition):
+            for ref, raw in records.items():
+                if raw is None:
+                    self.pending.pop(ref.encode(), None)
+                else:
+                    self.pending[ref.encode()] = raw
+
+    def all_pending(self, partition: int) -> list[bytes]:
+        return [raw for key, raw in self._partition_items(self.pending, partition)
+                if key != _WATERMARK]
+
+    def get_watermark(self, partition: int) -> int:
+        with self._context(partition):
+            raw: bytes | None = self.pending.get(_WATERMARK)
+        return int(raw) if raw else 0
+
+    def put_watermark(self, partition: int, watermark: int) -> None:
+        with self._context(partition):
+            self.pending[_WATERMARK] = str(watermark).encode()
+
+    def get_counts(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
+        with self._context(partition):
+            found = {key: self.counts.get(key.encode()) for key in keys}
+        return {key: raw for key, raw in found.items() if raw is not None}
+
+    def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None:
+        with self._context(partition):
+            for key, raw in records.items():
+                self.counts[key.encode()] = raw
+
+    def partition_counts(self, partition: int) -> dict[str, bytes]:
+        return {key.decode(): raw for key, raw in self._partition_items(self.counts, partition)}
 
     def count_users(self, partitions: set[int]) -> int:
         """Users with state in ``partitions``, counted key by key (RocksDB's own estimate
@@ -307,6 +357,24 @@ def set_budget_gauges(metrics: Metrics, catalog: Mapping[str, Coupon], store: Ta
         gauge.labels(campaign=campaign).set(ratio)
 
 
+def set_uplift_gauges(metrics: Metrics, store: TableStore, partitions: set[int]) -> None:
+    """``promo_uplift_decisions`` / ``_conversions{campaign,arm}`` from the outcome-counts
+    table of this worker's partitions (all versions of a campaign together)."""
+    counts: dict[str, bytes] = {}
+    for partition in partitions:
+        counts.update(store.partition_counts(partition))
+    by_campaign: dict[tuple[str, str], tuple[int, int]] = {}
+    for group, tally in totals(counts).items():
+        for arm, side in (("treatment", tally.treatment), ("holdout", tally.holdout)):
+            n, c = by_campaign.get((group.campaign, arm), (0, 0))
+            by_campaign[(group.campaign, arm)] = (n + side.decisions, c + side.converted)
+    metrics.uplift_decisions.clear()
+    metrics.uplift_conversions.clear()
+    for (campaign, arm), (n, c) in sorted(by_campaign.items())[:2 * MAX_CAMPAIGN_SERIES]:
+        metrics.uplift_decisions.labels(campaign=campaign, arm=arm).set(n)
+        metrics.uplift_conversions.labels(campaign=campaign, arm=arm).set(c)
+
+
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     metrics = metrics or Metrics()
     kafka, worker = settings.kafka, settings.worker
@@ -334,10 +402,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
         limits=Limits.from_contract(contract),
         topics=Topics(events=kafka.events_topic, repartition=events_repartition.get_topic_name(),
                       dlq=kafka.dlq_topic, decisions=kafka.decisions_topic,
-                      vectors=kafka.vectors_topic),
+                      vectors=kafka.vectors_topic, outcomes=kafka.outcomes_topic),
         store=store, sink=sink, metrics=metrics,
         model=models, policy_config=settings.policy, coupons=catalog.snapshot,
-        partitions=kafka.partitions, retries=worker.processing_retries)
+        partitions=kafka.partitions, retries=worker.processing_retries,
+        attribution=Rules.from_settings(settings.attribution)
+        if settings.attribution.enabled else None)
 
     async def process_events(batches: Mapping[TP, Sequence[Any]]) -> None:
         await pipeline.process([r for part in batches.values() for r in part])
@@ -399,6 +469,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     @app.on_partitions_revoked.connect
     async def not_ready(*args: Any, **kwargs: Any) -> None:
         catch_up.reset()  # a rebalance: partitions move, tables recover
+        pipeline.forget_partitions()
 
     def owned_partitions() -> set[int]:
         return {tp.partition for tp in app.consumer.assignment()
@@ -444,6 +515,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     async def budget_gauges() -> None:
         set_budget_gauges(metrics, catalog.snapshot(), store, owned_partitions(),
                           kafka.partitions, time.time())
+
+    @app.timer(5.0, name="uplift-gauges")
+    async def uplift_gauges() -> None:
+        set_uplift_gauges(metrics, store, owned_partitions())
+        metrics.windows_open.set(pipeline.open_windows())
 
     @app.task
     async def follow_catalog() -> None:

@@ -49,6 +49,7 @@ class KafkaSettings:
     vectors_topic: Name = "user-vectors"
     coupons_topic: Name = "coupons"
     preferences_topic: Name = "user-preferences"
+    outcomes_topic: Name = "outcomes"
     # Partitions of `events` bound how many workers can share the load; the state changelog
     # and `user-preferences` get the same number so a user's data stays on one worker.
     partitions: Annotated[int, Field(ge=1, le=10_000)] = 4
@@ -168,6 +169,53 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class AttributionSettings:
+    """Which later events count as a decision's conversion (stream/outcomes.py)."""
+
+    enabled: bool = True  # off: no pending windows, no `outcomes` (the benchmark compares)
+    # A decision converts if its user converts within this much event time of the trigger.
+    window_seconds: Annotated[float, Field(ge=1, le=90 * 86_400)] = 7 * 86_400.0
+    # Event types that count as a conversion (a shop that sells sign-ups may add its own).
+    conversion_types: tuple[str, ...] = ("purchase",)
+    # A window closes once the partition's event time is this far past its end: events from
+    # producers whose clocks lag a little still count.
+    grace_seconds: NonNegative = 300.0
+    # Open windows kept per user (in the user's 1 KB state record); one more evicts the
+    # oldest `none` decision's window (else the oldest), which then gets its outcome at once.
+    max_pending: Annotated[int, Field(ge=1, le=4)] = 4
+
+    @field_validator("conversion_types", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        # From the environment: PROMO_ATTRIBUTION_CONVERSION_TYPES=purchase,add_to_cart
+        return tuple(v.strip() for v in value.split(",") if v.strip()) \
+            if isinstance(value, str) else value
+
+    @field_validator("conversion_types")
+    @classmethod
+    def _known_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from encoder.vocab import EVENT_TYPES
+
+        unknown = sorted(set(value) - set(EVENT_TYPES))
+        if unknown or not value:
+            raise ValueError(f"conversion types must be some of {', '.join(EVENT_TYPES)}; "
+                             f"got {list(value)}")
+        return value
+
+
+@dataclass(frozen=True, config=_STRICT)
+class UpliftSettings:
+    """How `promo report uplift` and the guardrail alert judge lift (stream/uplift.py)."""
+
+    alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05  # 0.05: 95% intervals
+    # The mixture's spread over true effects (normal, mean 0): the lift in conversion-rate
+    # points the test is tuned to find fastest. Intervals are valid for any value.
+    mixture_tau: Annotated[float, Field(gt=0, le=1)] = 0.02
+    # The same for relative lift (log of the ratio of rates): 0.1 is about 10%.
+    mixture_tau_relative: Annotated[float, Field(gt=0, le=5)] = 0.1
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ReplaySettings:
     datasets_dir: str = ""  # empty: $PROMO_DATASETS_DIR (see encoder/data.py)
     rate: NonNegative = 0.0  # events/s; 0 = as fast as the broker takes them
@@ -181,6 +229,8 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    uplift: UpliftSettings = field(default_factory=UpliftSettings)
 
     def datasets_dir(self) -> Path:
         from encoder.data import default_datasets_dir
@@ -191,7 +241,8 @@ class Settings:
 
 _SECTION_TYPES: dict[str, type[Any]] = {
     "kafka": KafkaSettings, "contract": ContractSettings, "worker": WorkerSettings,
-    "replay": ReplaySettings, "policy": PolicyConfig}
+    "replay": ReplaySettings, "policy": PolicyConfig, "attribution": AttributionSettings,
+    "uplift": UpliftSettings}
 
 
 class ConfigError(ValueError):
@@ -272,7 +323,8 @@ def as_environment(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMO_")}
     for section in dataclasses.fields(settings):
         for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
-            env[f"PROMO_{section.name.upper()}_{name.upper()}"] = str(value)
+            env[f"PROMO_{section.name.upper()}_{name.upper()}"] = (
+                ",".join(value) if isinstance(value, tuple) else str(value))
     return env
 
 
@@ -288,6 +340,8 @@ def as_toml(settings: Settings) -> str:
                 rendered = "true" if value else "false"
             elif isinstance(value, int | float):
                 rendered = repr(value)
+            elif isinstance(value, tuple):
+                rendered = "[" + ", ".join(f'"{v}"' for v in value) + "]"
             else:
                 rendered = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
             lines.append(f"{name} = {rendered}")

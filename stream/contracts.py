@@ -5,6 +5,8 @@
 - ``coupons`` and ``user-preferences`` (in, compacted): :class:`Coupon`, :class:`Preferences`.
 - ``decisions`` (out): :class:`Decision`, fired by a :class:`Trigger`; its ``action``, ``arm``
   and trigger ``kind`` are the :class:`Action`, :class:`Arm` and :class:`TriggerKind` values.
+- ``outcomes`` (out, compacted): :class:`Outcome`, one per decision, once its attribution
+  window closed (:mod:`stream.outcomes`).
 
 Event types are the model's vocabulary (:data:`encoder.vocab.EVENT_TYPES`), re-exported here.
 
@@ -18,8 +20,10 @@ Producers send one JSON object per record, keyed by ``user_id`` (UTF-8)::
 
 Required: ``event_id``, ``user_id``, ``type``, ``item_id`` (non-empty strings) and ``ts`` (event
 time, integer epoch milliseconds). Optional: ``price`` (number >= 0), ``quantity`` (integer >= 1),
-``category``, ``session_id`` (strings), ``schema_version`` (integer, default 1). Unknown fields
-are ignored, so producers can add fields before consumers know them.
+``category``, ``session_id`` (strings), ``schema_version`` (integer, default 1), and on a
+purchase ``coupon_id`` (the coupon redeemed, a string) and ``value`` (the order's value, a
+number >= 0; without it a conversion is worth ``price`` x ``quantity``). Unknown fields are
+ignored, so producers can add fields before consumers know them.
 
 Parsing never raises: every way a record can be wrong has a named :class:`Reason`, so a bad
 record is routed to the dead-letter topic with that reason and counted, and the worker goes on.
@@ -42,9 +46,9 @@ import orjson
 from encoder.vocab import EVENT_TYPES
 from stream.config import ContractSettings
 
-__all__ = ["EVENT_TYPES", "Action", "Arm", "Coupon", "Decision", "Event", "Limits",
-           "Preferences", "Reason", "Rejection", "Trigger", "TriggerKind", "dead_letter",
-           "parse_event"]
+__all__ = ["EVENT_TYPES", "Action", "Arm", "Closure", "Coupon", "Decision", "Event", "Limits",
+           "Outcome", "Preferences", "Reason", "Rejection", "Trigger", "TriggerKind",
+           "dead_letter", "parse_event"]
 
 DAY_MS = 86_400_000
 
@@ -85,13 +89,22 @@ class Event:
     category: str | None = None
     session_id: str | None = None
     schema_version: int = SCHEMA_VERSION
+    coupon_id: str | None = None  # on a purchase: the coupon redeemed
+    value: float | None = None  # on a purchase: the order's value
+
+    @property
+    def worth(self) -> float:
+        """What the event is worth as a conversion: its value, else price x quantity."""
+        if self.value is not None:
+            return self.value
+        return (self.price or 0.0) * (self.quantity or 1)
 
     def to_json(self) -> bytes:
         body: dict[str, Any] = {
             "event_id": self.event_id, "user_id": self.user_id, "type": self.type,
             "item_id": self.item_id, "ts": self.ts, "schema_version": self.schema_version,
         }
-        for name in ("price", "quantity", "category", "session_id"):
+        for name in ("price", "quantity", "category", "session_id", "coupon_id", "value"):
             value = getattr(self, name)
             if value is not None:
                 body[name] = value
@@ -118,7 +131,7 @@ class Limits:
 
 
 _REQUIRED_STRINGS = ("event_id", "user_id", "type", "item_id")
-_OPTIONAL_STRINGS = ("category", "session_id")
+_OPTIONAL_STRINGS = ("category", "session_id", "coupon_id")
 _TYPES = frozenset(EVENT_TYPES)
 
 
@@ -154,14 +167,17 @@ def parse_event(raw: bytes | None, key: bytes | None, *, now_ms: int,
     if not _is_int(ts):
         return Rejection(Reason.WRONG_TYPE, f"ts must be integer epoch milliseconds, "
                                             f"not {type(ts).__name__}")
-    price = body.get("price")
-    if price is not None:
-        if not (_is_int(price) or isinstance(price, float)):
-            return Rejection(Reason.WRONG_TYPE,
-                             f"price must be a number, not {type(price).__name__}")
-        if price < 0 or not math.isfinite(price):
-            return Rejection(Reason.INVALID_VALUE, f"price must be >= 0, got {price}")
-        price = float(price)
+    amounts: dict[str, float | None] = {}
+    for name in ("price", "value"):
+        amount = body.get(name)
+        if amount is not None:
+            if not (_is_int(amount) or isinstance(amount, float)):
+                return Rejection(Reason.WRONG_TYPE,
+                                 f"{name} must be a number, not {type(amount).__name__}")
+            if amount < 0 or not math.isfinite(amount):
+                return Rejection(Reason.INVALID_VALUE, f"{name} must be >= 0, got {amount}")
+            amount = float(amount)
+        amounts[name] = amount
     quantity = body.get("quantity")
     if quantity is not None:
         if not _is_int(quantity):
@@ -192,8 +208,9 @@ def parse_event(raw: bytes | None, key: bytes | None, *, now_ms: int,
 
     return Event(
         event_id=body["event_id"], user_id=user_id, type=body["type"], item_id=body["item_id"],
-        ts=ts, price=price, quantity=quantity, category=body.get("category"),
+        ts=ts, price=amounts["price"], quantity=quantity, category=body.get("category"),
         session_id=body.get("session_id"), schema_version=version,
+        coupon_id=body.get("coupon_id"), value=amounts["value"],
     )
 
 
@@ -449,6 +466,10 @@ class Decision:
     created_at: int
     coupon: dict[str, Any] | None = None
     push: dict[str, Any] | None = None
+    # What the policy read to decide (policy.features): kept for the decision's outcome,
+    # not published with the decision.
+    features: dict[str, float] | None = None
+    trigger: Trigger | None = None  # what fired it (the kind is also reasons[0]["code"])
 
     @property
     def to_send(self) -> bool:
@@ -461,3 +482,79 @@ class Decision:
             "reasons": self.reasons, "arm": self.arm, "model_version": self.model_version,
             "policy_version": self.policy_version, "trigger_event_id": self.trigger_event_id,
             "created_at": self.created_at})
+
+
+# --- outcomes --------------------------------------------------------------------------------
+
+class Closure(enum.StrEnum):
+    """How a decision's attribution window closed. The values are `outcomes` fields."""
+
+    CONVERSION = "conversion"  # a conversion of the user within the window
+    WINDOW = "window"  # the window ended (in event time) without one
+    EVICTION = "eviction"  # the user had too many open windows; this one gave way
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The `outcomes` record of one decision (key = decision_id; compacted).
+
+    A decision's fields as it was made (``features`` is the snapshot the policy read), and
+    what followed: ``converted`` within ``window_ms`` of event time after the trigger,
+    ``redeemed`` if the conversion named the decision's coupon, its ``value`` and time.
+    An ``evicted`` decision's window was cut short: it counts in no conversion rate.
+    """
+
+    decision_id: str
+    user_id: str
+    arm: Arm
+    action: Action
+    coupon_id: str | None
+    discount: float  # money off the coupon granted (0 for a push or none)
+    template: str | None
+    trigger: TriggerKind
+    model_version: str
+    policy_version: str
+    created_at: int  # when the decision was made (worker clock, ms)
+    window_start: int  # event time of what triggered it (ms): the window opens there
+    window_ms: int
+    features: dict[str, float]
+    closed_by: Closure
+    converted: bool = False
+    redeemed: bool = False
+    value: float = 0.0  # the conversion's worth (0 without a conversion)
+    converted_at: int | None = None  # event time of the conversion
+
+    @property
+    def evicted(self) -> bool:
+        return self.closed_by == Closure.EVICTION
+
+    @property
+    def campaign(self) -> str:
+        """What the decision promoted: its coupon, its push template, or ``none``."""
+        return self.coupon_id or self.template or "none"
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({
+            "decision_id": self.decision_id, "user_id": self.user_id, "arm": self.arm,
+            "action": self.action, "coupon_id": self.coupon_id, "discount": self.discount,
+            "template": self.template, "trigger": self.trigger,
+            "model_version": self.model_version, "policy_version": self.policy_version,
+            "created_at": self.created_at, "window_start": self.window_start,
+            "window_ms": self.window_ms, "features": self.features,
+            "closed_by": self.closed_by, "evicted": self.evicted, "converted": self.converted,
+            "redeemed": self.redeemed, "value": self.value, "converted_at": self.converted_at})
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Outcome:
+        body = orjson.loads(raw)
+        return cls(
+            decision_id=body["decision_id"], user_id=body["user_id"], arm=Arm(body["arm"]),
+            action=Action(body["action"]), coupon_id=body["coupon_id"],
+            discount=float(body["discount"]), template=body["template"],
+            trigger=TriggerKind(body["trigger"]), model_version=body["model_version"],
+            policy_version=body["policy_version"], created_at=int(body["created_at"]),
+            window_start=int(body["window_start"]), window_ms=int(body["window_ms"]),
+            features={k: float(v) for k, v in body["features"].items()},
+            closed_by=Closure(body["closed_by"]), converted=bool(body["converted"]),
+            redeemed=bool(body["redeemed"]), value=float(body["value"]),
+            converted_at=body["converted_at"])

@@ -23,7 +23,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from stream.contracts import EVENT_TYPES, Action, Arm, Reason, TriggerKind
+from stream.contracts import EVENT_TYPES, Action, Arm, Outcome, Reason, TriggerKind
 
 # `*_created` series double the exposition for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -128,6 +128,47 @@ class Metrics:
             "promo_state_record_bytes", "Encoded size of user state records written.",
             buckets=STATE_BYTES_BUCKETS, registry=r)
         # Worker (whether it runs at all is Prometheus's own `up` of the exporter)
+        # Outcomes (stream/outcomes.py): what decisions changed
+        self.outcomes = Counter(
+            "promo_outcomes",
+            "Decisions whose attribution window closed, by campaign (coupon id, push template "
+            "or none), action, arm and whether the user converted within the window. Evicted "
+            "windows count in promo_outcomes_evicted_total instead.",
+            ["campaign", "action", "arm", "converted"], registry=r)
+        self.outcomes_value = Counter(
+            "promo_outcomes_value",
+            "Worth of the conversions attributed to decisions (event value, else price x "
+            "quantity), by campaign and arm.", ["campaign", "arm"], registry=r)
+        self.redemptions = Counter(
+            "promo_outcomes_redeemed",
+            "Conversions that named the decision's coupon, and the money off they granted "
+            "(promo_outcomes_redeemed_discount_total).", ["campaign", "arm"], registry=r)
+        self.redeemed_discount = Counter(
+            "promo_outcomes_redeemed_discount",
+            "Money off granted by redeemed coupons, by campaign and arm.", ["campaign", "arm"],
+            registry=r)
+        self.outcomes_evicted = Counter(
+            "promo_outcomes_evicted",
+            "Attribution windows closed early because their user had too many open "
+            "(attribution.max_pending); they count in no conversion rate.", ["action", "arm"],
+            registry=r)
+        self.conversions_unattributed = Counter(
+            "promo_outcomes_unattributed_conversions",
+            "Conversions of users with no open attribution window.", registry=r)
+        self.windows_open = Gauge(
+            "promo_outcomes_windows_open",
+            "Attribution windows open on this worker's partitions.", registry=r)
+        self.uplift_decisions = Gauge(
+            "promo_uplift_decisions",
+            "Closed, not evicted decisions per campaign and arm on this worker's partitions, "
+            "from the outcome-counts table (so it survives restarts and moves with "
+            "partitions): the guardrail alert and the lift panels sum it over workers.",
+            ["campaign", "arm"], registry=r)
+        self.uplift_conversions = Gauge(
+            "promo_uplift_conversions",
+            "Of promo_uplift_decisions, those whose user converted in the window.",
+            ["campaign", "arm"], registry=r)
+        self._campaigns: set[str] = set()
         self.worker_ready = Gauge(
             "promo_worker_ready",
             "1 once the worker owns its partitions, its tables have recovered and the "
@@ -146,3 +187,28 @@ class Metrics:
             self.triggers.labels(kind=kind)
         for stage in ("load", "inference"):
             self.encoder_failures.labels(stage=stage)
+        for action in ACTIONS:
+            for arm in ARMS:
+                self.outcomes_evicted.labels(action=action, arm=arm)
+
+    def campaign_label(self, campaign: str) -> str:
+        """``campaign`` itself for the first MAX_CAMPAIGN_SERIES campaigns seen, ``other``
+        after that: a shop that mints a coupon id per user must not explode the series."""
+        if campaign in self._campaigns or len(self._campaigns) < MAX_CAMPAIGN_SERIES:
+            self._campaigns.add(campaign)
+            return campaign
+        return "other"
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        if outcome.evicted:
+            self.outcomes_evicted.labels(action=outcome.action, arm=outcome.arm).inc()
+            return
+        campaign = self.campaign_label(outcome.campaign)
+        self.outcomes.labels(campaign=campaign, action=outcome.action, arm=outcome.arm,
+                             converted="true" if outcome.converted else "false").inc()
+        if outcome.value:
+            self.outcomes_value.labels(campaign=campaign, arm=outcome.arm).inc(outcome.value)
+        if outcome.redeemed:
+            self.redemptions.labels(campaign=campaign, arm=outcome.arm).inc()
+            self.redeemed_discount.labels(campaign=campaign, arm=outcome.arm).inc(
+                outcome.discount)

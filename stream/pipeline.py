@@ -14,12 +14,17 @@ One call to :meth:`Pipeline.process` handles everything the consumer fetched:
 5. rank push candidates for every user with a trigger in a few matrix products (scoring the
    catalogue one user at a time was the main cost of a decision), then decide for each of them
    (:mod:`stream.policy`), reserving coupon budgets;
-6. write, in this order: coupon budgets (and flush them), decisions + user vectors + dead
-   letters + forwarded records (and wait until the broker has them), then user states and open
-   carts (handed to the producer, so they belong to the same transaction as the batch's offsets
-   under exactly-once).
+6. attribute (:mod:`stream.outcomes`): each decision opens an attribution window in its user's
+   state; the users' events, in log order, convert open windows; windows the partition's
+   event time (its watermark, advanced record by record) has passed close unconverted, for
+   users of the batch and for those the deadline index names. A closed window is an outcome,
+   counted per group and arm in the ``outcome-counts`` table;
+7. write, in this order: coupon budgets (and flush them), decisions + outcomes + user vectors
+   + dead letters + forwarded records (and wait until the broker has them), then user states,
+   open carts, pending decisions, watermarks and outcome counts (handed to the producer, so
+   they belong to the same transaction as the batch's offsets under exactly-once).
 
-:meth:`Pipeline.check_carts` (the abandonment timer) runs steps 3-6 for carts open too long:
+:meth:`Pipeline.check_carts` (the abandonment timer) runs steps 3-7 for carts open too long:
 the same loading, decide loop, error isolation and write order.
 
 The write order is what makes a crash safe under at-least-once delivery. Budgets are reserved
@@ -56,14 +61,16 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import orjson
+from sortedcontainers import SortedList
 
-from stream import policy, state
+from stream import outcomes, policy, state
 from stream.config import PolicyConfig
 from stream.contracts import (
     Coupon,
     Decision,
     Event,
     Limits,
+    Outcome,
     Preferences,
     Reason,
     Rejection,
@@ -75,7 +82,7 @@ from stream.contracts import (
 from stream.logs import user_ref
 from stream.metrics import Metrics
 from stream.policy import CouponBudget, ServingModel
-from stream.state import UserState
+from stream.state import PendingWindow, UserState
 from stream.topics import expected_partition
 
 log = logging.getLogger(__name__)
@@ -131,6 +138,15 @@ class Store(Protocol):
     def get_preferences(self, partition: int, user_id: str) -> bytes | None: ...
     def set_open_carts(self, partition: int, carts: Mapping[str, OpenCart | None]) -> None: ...
     def due_carts(self, before_ms: int) -> list[OpenCart]: ...
+    # Attribution: decisions waiting for their outcome (by ``outcomes.ref``), the partition's
+    # event-time watermark, and outcome counts (by ``outcomes.tally_key``).
+    def get_pending(self, partition: int, refs: Sequence[str]) -> dict[str, bytes]: ...
+    def put_pending(self, partition: int, records: Mapping[str, bytes | None]) -> None: ...
+    def all_pending(self, partition: int) -> list[bytes]: ...
+    def get_watermark(self, partition: int) -> int: ...
+    def put_watermark(self, partition: int, watermark: int) -> None: ...
+    def get_counts(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]: ...
+    def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None: ...
     async def flush(self) -> None: ...
 
 
@@ -158,6 +174,7 @@ class Topics:
     dlq: str
     decisions: str
     vectors: str
+    outcomes: str = "outcomes"
 
 
 class Output(NamedTuple):
@@ -177,6 +194,8 @@ class BatchResult:
     refreshed: int = 0
     decisions: list[Decision] = field(default_factory=list)
     trigger_ts_ms: list[int] = field(default_factory=list)  # event time behind each decision
+    outcomes: list[Outcome] = field(default_factory=list)
+    unattributed: int = 0  # conversions that found no open window
     partitions: set[int] = field(default_factory=set)  # partitions written to
 
     def add(self, other: BatchResult) -> BatchResult:
@@ -187,6 +206,8 @@ class BatchResult:
         self.refreshed += other.refreshed
         self.decisions += other.decisions
         self.trigger_ts_ms += other.trigger_ts_ms
+        self.outcomes += other.outcomes
+        self.unattributed += other.unattributed
         self.partitions |= other.partitions
         return self
 
@@ -205,6 +226,9 @@ class _User:
     before: bytes | None = None
     cart_was_due: bool = False  # an open-carts entry exists for this user
     applied: list[Event] = field(default_factory=list)
+    watermarks: dict[int, int] = field(default_factory=dict)  # id(event) -> watermark before it
+    decision: Decision | None = None  # made in this pass
+    windows_before: list[PendingWindow] = field(default_factory=list)
 
 
 @dataclass
@@ -221,12 +245,18 @@ class _Pass:
     rejected: Counter[str] = field(default_factory=Counter)
     by_type: Counter[str] = field(default_factory=Counter)
     triggers: Counter[str] = field(default_factory=Counter)
+    watermarks: dict[int, int] = field(default_factory=dict)  # per partition, as it advances
+    pending: dict[int, dict[str, bytes | None]] = field(
+        default_factory=lambda: defaultdict(dict))  # None: the outcome is out
+    tallies: dict[int, dict[outcomes.Group, outcomes.Tally]] = field(
+        default_factory=lambda: defaultdict(dict))
 
 
 class Pipeline:
     def __init__(self, *, limits: Limits, topics: Topics, store: Store, sink: Sink,
                  metrics: Metrics, model: ModelSource, policy_config: PolicyConfig,
                  coupons: Callable[[], Mapping[str, Coupon]], partitions: int,
+                 attribution: outcomes.Rules | None = outcomes.DEFAULT_RULES,
                  max_len: int = state.DEFAULT_MAX_LEN, retries: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
         self.limits = limits
@@ -241,7 +271,19 @@ class Pipeline:
         self.max_len = max_len
         self.retries = retries
         self.clock = clock
+        self.attribution = attribution  # None: no windows, no outcomes
         self.totals: Counter[str] = Counter()  # since the last summary line
+        # Per partition: (watermark past which a window closes, user id) of every open window,
+        # built from ``pending-outcomes`` when a partition is first met after an assignment.
+        self._deadlines: dict[int, SortedList] = {}
+
+    def forget_partitions(self) -> None:
+        """After a rebalance: rebuild the deadline index of each partition when next met."""
+        self._deadlines.clear()
+
+    def open_windows(self) -> int:
+        """Attribution windows open on the partitions met since the last rebalance."""
+        return sum(len(index) for index in self._deadlines.values())
 
     # --- entry points -----------------------------------------------------------------------
 
@@ -324,6 +366,7 @@ class Pipeline:
                 user.due_cart = item
             else:
                 self._route(item, done)
+        self._add_due_windows(done)
         self._load_and_apply(done)
         changed = {uid: u for uid, u in done.users.items() if u.applied}
         encoder = self.model.encoder
@@ -336,6 +379,7 @@ class Pipeline:
         done.budgets = self._load_budgets({uid: done.users[uid] for uid in fired})
         rankings = self._rank_pushes(done.users, fired, now_ms)
         self._decide_all(done, fired, rankings)
+        self._attribute(done)
         self._note_open_carts(done)
         return done
 
@@ -359,6 +403,39 @@ class Pipeline:
             user = done.users[parsed.user_id] = _User(record.partition)
         user.events.append(parsed)
         user.sources[id(parsed)] = record
+        if self.attribution is not None:
+            mark = self._watermark(done, record.partition)
+            user.watermarks[id(parsed)] = mark
+            done.watermarks[record.partition] = max(mark, parsed.ts)
+
+    def _watermark(self, done: _Pass, partition: int) -> int:
+        mark = done.watermarks.get(partition)
+        if mark is None:
+            mark = done.watermarks[partition] = self.store.get_watermark(partition)
+        return mark
+
+    def _add_due_windows(self, done: _Pass) -> None:
+        """Users whose open windows this batch's event time has passed: loaded with the
+        batch's users, so their windows close in this pass."""
+        if self.attribution is None:
+            return
+        for partition, mark in done.watermarks.items():
+            for _, user_id in self._deadline_index(partition).irange(
+                    maximum=(mark - 1, "\U0010ffff")):
+                if user_id not in done.users:
+                    done.users[user_id] = _User(partition)
+
+    def _deadline_index(self, partition: int) -> SortedList:
+        index = self._deadlines.get(partition)
+        if index is None:
+            rules = self.attribution
+            assert rules is not None
+            index = self._deadlines[partition] = SortedList()
+            for raw in self.store.all_pending(partition):
+                body = orjson.loads(raw)
+                start_s = int(body["window_start"]) // 1000
+                index.add((start_s * 1000 + rules.window_ms + rules.grace_ms, body["user_id"]))
+        return index
 
     def _load_and_apply(self, done: _Pass) -> None:
         by_partition: dict[int, list[str]] = defaultdict(list)
@@ -372,6 +449,7 @@ class Pipeline:
                 user.state = state.decode(user.before) if user.before else UserState()
                 user.cart_was_due = user.due_cart is not None or (
                     user.state.cart_open and not user.state.cart_reminded)
+                user.windows_before = list(user.state.pending)
                 if user.events:
                     self._apply(user_id, user, done)
 
@@ -551,12 +629,66 @@ class Pipeline:
                 continue
             if decision is None:
                 continue
+            user.decision = decision
             done.result.decisions.append(decision)
             # A timer decision's latency runs from the timer, not from the cart add.
             done.result.trigger_ts_ms.append(
                 done.now_ms if trigger.kind == TriggerKind.CART_ABANDONED else trigger.ts_ms)
             done.outputs.append(Output(self.topics.decisions, user_id.encode(),
                                        decision.to_json(), user.partition))
+
+    def _attribute(self, done: _Pass) -> None:
+        """Open a window per decision, convert or close windows (:mod:`stream.outcomes`), and
+        turn each closed window into its outcome and counts."""
+        rules = self.attribution
+        if rules is None:
+            return
+        abandon_ms = int(self.policy_config.cart_abandon_seconds * 1000)
+        closings: dict[int, list[tuple[_User, outcomes.Closing]]] = defaultdict(list)
+        for user in done.users.values():
+            s = user.state
+            assert s is not None
+            steps: list[outcomes.Seen | outcomes.Opened] = [
+                outcomes.Seen(e, user.watermarks[id(e)]) for e in user.applied]
+            decision = user.decision
+            if decision is not None:
+                start = outcomes.window_start(decision, abandon_ms)
+                opened = outcomes.Opened(outcomes.open_window(decision, start))
+                after = next((i + 1 for i, e in enumerate(user.applied)
+                              if e.event_id == decision.trigger_event_id), len(steps))
+                steps.insert(after, opened)
+                done.pending[user.partition][opened.window.ref] = outcomes.pending_record(
+                    decision, start)
+            if not steps and not s.pending:
+                continue
+            still, closed = outcomes.attribute(s.pending, steps, rules)
+            mark = done.watermarks.get(user.partition)
+            if mark is not None:
+                still, expired = outcomes.expire(still, mark, rules)
+                closed += expired
+            s.pending = still
+            converting = {id(c.conversion) for c in closed if c.conversion is not None}
+            done.result.unattributed += sum(
+                1 for e in user.applied
+                if e.type in rules.conversion_types and id(e) not in converting)
+            closings[user.partition] += [(user, c) for c in closed]
+        for partition, closed_here in closings.items():
+            made = done.pending[partition]
+            missing = [c.window.ref for _, c in closed_here if c.window.ref not in made]
+            stored = self.store.get_pending(partition, missing) if missing else {}
+            for user, closing in closed_here:
+                raw = made.get(closing.window.ref) or stored.get(closing.window.ref)
+                made[closing.window.ref] = None
+                if raw is None:  # written by no pass: a bug, never silent
+                    log.error("attribution window without its decision",
+                              extra={"ref": closing.window.ref, "partition": partition})
+                    continue
+                result = outcomes.outcome(raw, closing, rules)
+                done.result.outcomes.append(result)
+                done.outputs.append(Output(self.topics.outcomes, result.decision_id.encode(),
+                                           result.to_json(), user.partition))
+                done.tallies[partition].setdefault(outcomes.Group.of(result),
+                                                   outcomes.Tally()).add(result)
 
     def _preferences(self, user_id: str, user: _User) -> Preferences | None:
         raw = self.store.get_preferences(user.partition, user_id)
@@ -623,9 +755,39 @@ class Pipeline:
         for partition, open_carts in done.carts.items():
             if open_carts:
                 self.store.set_open_carts(partition, open_carts)
+        self._write_attribution(done)
         await self.store.flush()
         done.result.partitions = ({o.source_partition for o in done.outputs}
-                                  | set(by_partition) | {p for p, c in done.carts.items() if c})
+                                  | set(by_partition) | {p for p, c in done.carts.items() if c}
+                                  | {p for p, r in done.pending.items() if r})
+        self._index_windows(done)
+
+    def _write_attribution(self, done: _Pass) -> None:
+        for partition, records in done.pending.items():
+            if records:
+                self.store.put_pending(partition, records)
+        for partition, mark in done.watermarks.items():
+            self.store.put_watermark(partition, mark)
+        for partition, groups in done.tallies.items():
+            keys = {outcomes.tally_key(partition, g): t for g, t in groups.items()}
+            stored = self.store.get_counts(partition, list(keys))
+            self.store.put_counts(partition, {
+                key: (outcomes.Tally.from_json(stored[key]).merge(tally) if key in stored
+                      else tally).to_json() for key, tally in keys.items()})
+
+    def _index_windows(self, done: _Pass) -> None:
+        """Bring the deadline index up to date with the windows just written."""
+        rules = self.attribution
+        if rules is None:
+            return
+        for user_id, user in done.users.items():
+            if user.state is None or (not user.windows_before and not user.state.pending):
+                continue
+            index = self._deadline_index(user.partition)
+            for window in user.windows_before:
+                index.discard((rules.closes_by(window), user_id))
+            for window in user.state.pending:
+                index.add((rules.closes_by(window), user_id))
 
     def _dead_letter(self, rejection: Rejection, record: Record, now_ms: int,
                      exception: str | None = None) -> Output:
@@ -663,6 +825,10 @@ class Pipeline:
         for decision, trigger_ts in zip(result.decisions, result.trigger_ts_ms, strict=True):
             m.decisions.labels(action=decision.action, arm=decision.arm).inc()
             m.decision_latency.observe(max(0, published_ms - trigger_ts) / 1000)
+        for outcome in result.outcomes:
+            m.count_outcome(outcome)
+        if result.unattributed:
+            m.conversions_unattributed.inc(result.unattributed)
         if records:
             m.batch_size.observe(records)
             m.batch_duration.observe(time.perf_counter() - started)
@@ -672,6 +838,7 @@ class Pipeline:
         totals["rejected"] += result.rejected
         totals["decisions"] += len(result.decisions)
         totals["sent"] += sum(1 for d in result.decisions if d.to_send)
+        totals["outcomes"] += len(result.outcomes)
         totals["batches"] += 1 if records else 0
         log.debug("batch", extra={"records": records, "events": result.events,
                                   "rejected": result.rejected,
@@ -683,7 +850,7 @@ class Pipeline:
         minute), then start counting again."""
         totals, self.totals = self.totals, Counter()
         log.info("summary", extra={key: totals.get(key, 0) for key in (
-            "records", "events", "rejected", "decisions", "sent", "batches")})
+            "records", "events", "rejected", "decisions", "sent", "outcomes", "batches")})
 
 
 #: The dead-letter ``source.topic`` of a cart-abandonment decision that raised.

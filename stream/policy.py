@@ -27,7 +27,7 @@ import math
 import zoneinfo
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -261,8 +261,39 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
 
     ``vector`` is the user's vector from the serving model, or None when there is none (cold
     start, or the encoder failed); ``vector_stale`` marks one computed before the user's
-    latest events (the encoder failed on this batch). The reasons say which applied.
+    latest events (the encoder failed on this batch). The reasons say which applied. The
+    decision carries the :func:`features` it was made on, for its outcome.
     """
+    snapshot = features(state, ctx.now_ms, ctx.config)  # before a send updates the channels
+    decision = _decide(user_id, state, vector, trigger, prefs, ctx, vector_stale)
+    if decision is None:
+        return None
+    snapshot["score"] = round(min(decision.score, 1e6), 6)
+    snapshot["vector"] = 0.0 if vector is None else 1.0
+    return replace(decision, features=snapshot, trigger=trigger)
+
+
+def features(state: UserState, now_ms: int, config: PolicyConfig) -> dict[str, float]:
+    """What the policy reads about a user, as numbers. Recorded with each decision and its
+    outcome, so that outcomes are training rows holding the values the policy served with
+    (no training/serving skew); :func:`decide` adds the decision's ``score`` and whether a
+    current ``vector`` was used."""
+    day = now_ms // 86_400_000
+    return {
+        "events": float(state.n_events), "views": float(state.views),
+        "clicks": float(state.clicks), "carts": float(state.carts),
+        "purchases": float(state.purchases), "spend": round(state.spend, 2),
+        "days_idle": round(max(0.0, now_ms / 1000 - state.last_ts_s) / 86400, 4)
+        if state.n_events else -1.0,
+        "cart_open": float(state.cart_open),
+        "propensity": round(calibrated(propensity(state, now_ms), config), 4),
+        "pushes_today": float(state.channels["push"].sends_on(day)),
+        "coupons_today": float(state.channels["coupon"].sends_on(day)),
+    }
+
+
+def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: Trigger,
+            prefs: Preferences | None, ctx: Context, vector_stale: bool) -> Decision | None:
     cfg = ctx.config
     # A flag a preferences record leaves out counts as no record: the configured default.
     stated_push = prefs.push_opt_in if prefs else None

@@ -14,7 +14,12 @@ What a user's record holds (DESIGN §4):
   be up to 256 characters (1 KB of UTF-8), so it lives in the worker's ``open-carts`` table,
   which the abandonment timer scans anyway (:func:`open_cart_event` finds it in a batch);
 - per channel: last-sent time, sends today, and the day that count belongs to;
-- the user vector (fp16) and the model version that computed it.
+- the user vector (fp16) and the model version that computed it;
+- the user's open attribution windows (:class:`PendingWindow`, at most
+  :data:`MAX_PENDING`): which decisions still wait for a conversion. Each is 13 bytes: a
+  reference to the decision, when its window opened, its arm and action. The rest of the
+  decision (coupon id, template, versions, features: text, up to kilobytes) lives in the
+  worker's ``pending-outcomes`` table, as the open cart's item id lives in ``open-carts``.
 
 Everything here is a pure function of the user's events in arrival (log) order, whatever the
 micro-batch boundaries, so a user's state can be recomputed offline and compared (tests do).
@@ -30,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from encoder.vocab import item_key
-from stream.contracts import DAY_MS, EVENT_TYPES, Event
+from stream.contracts import DAY_MS, EVENT_TYPES, Action, Arm, Event
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: attribution windows (format 3 records are still read)
 DEFAULT_MAX_LEN = 50
 #: Event-id hashes kept for de-duplication of events a producer sent twice (redelivered
 #: records are caught by offset, however many). Producer retries come within seconds, i.e.
@@ -40,6 +45,9 @@ DEFAULT_MAX_LEN = 50
 DEDUP_WINDOW = 22
 CHANNELS = ("push", "coupon")
 TYPE_ID = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}  # 0 is the model's padding
+#: Open attribution windows a record can hold (AttributionSettings.max_pending is at most this).
+MAX_PENDING = 4
+_ACTIONS = tuple(Action)
 _U32_MAX = 2**32 - 1
 
 
@@ -68,6 +76,16 @@ class ChannelState:
         self.last_sent_ms = at_ms
 
 
+@dataclass(frozen=True, slots=True)
+class PendingWindow:
+    """A decision waiting for its user's conversion (stream/outcomes.py closes it)."""
+
+    ref: str  # the decision id's first 16 hex digits: its key in ``pending-outcomes``
+    start_s: int  # event time the window opened at (the trigger's), epoch seconds
+    arm: Arm
+    action: Action
+
+
 @dataclass
 class UserState:
     items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -89,6 +107,7 @@ class UserState:
     vector_events: int = 0  # events seen when ``vector`` was computed
     last_offset: int = -1  # offset in `events` of the last record applied
     last_repartition_offset: int = -1  # the same in the repartition topic
+    pending: list[PendingWindow] = field(default_factory=list)  # oldest first
 
     @property
     def n_events(self) -> int:
@@ -181,19 +200,22 @@ def open_cart_event(state: UserState, applied: list[Event]) -> Event | None:
 # --- encoding -----------------------------------------------------------------------------
 #
 # Little-endian, versioned. Header, then the variable parts whose lengths the header gives:
-#   B version | B n events | B n event-id hashes | B vector dims | B flags
+#   B version | B n events | B n event-id hashes | B vector dims | B flags | B n windows
 #   q base time (epoch seconds of the oldest event)
 #   I views | I clicks | I carts | I purchases | d spend | q cart time (ms)
 #   per channel: q last sent (ms) | H day | B sent that day
 #   8s model version (16 hex digits as bytes) | I events when the vector was computed
 #   q offset of the last record applied from `events` | q the same from the repartition topic
 # then: n x q item key | n x B type | n x I seconds since base | m x I event-id hash
-#       | d x e vector
+#       | d x e vector | w x (8s decision ref | I window start (epoch s) | B arm, action)
 # Seconds since the oldest event fit 136 years in 32 bits; counters saturate at 2^32 - 1 and
 # sends per day at 255 (caps are far lower), so no value the contract admits fails to encode.
 # Every field is fixed-size or counted: no text, so no character can be cut in half.
 
-_HEADER = struct.Struct("<BBBBBq" + "IIIIdq" + "qHB" * len(CHANNELS) + "8sIqq")
+_HEADER = struct.Struct("<BBBBBBq" + "IIIIdq" + "qHB" * len(CHANNELS) + "8sIqq")
+_HEADER_V3 = struct.Struct("<BBBBBq" + "IIIIdq" + "qHB" * len(CHANNELS) + "8sIqq")
+_WINDOW = struct.Struct("<8sIB")
+_HOLDOUT_BIT = 0x80
 _CART_REMINDED = 1
 _CART_OPEN = 2
 
@@ -208,8 +230,9 @@ def encode(state: UserState) -> bytes:
         channel_fields += [ch.last_sent_ms, ch.day, min(ch.sent_today, 255)]
     flags = (_CART_REMINDED if state.cart_reminded else 0) | (_CART_OPEN if state.cart_open
                                                                 else 0)
+    pending = state.pending[-MAX_PENDING:]
     header = _HEADER.pack(
-        FORMAT_VERSION, n, len(state.recent_event_ids), len(vector), flags, base,
+        FORMAT_VERSION, n, len(state.recent_event_ids), len(vector), flags, len(pending), base,
         *(min(c, _U32_MAX) for c in (state.views, state.clicks, state.carts, state.purchases)),
         state.spend, state.cart_ts_ms, *channel_fields, _version_bytes(state.model_version),
         min(state.vector_events, _U32_MAX), state.last_offset, state.last_repartition_offset)
@@ -217,26 +240,42 @@ def encode(state: UserState) -> bytes:
     return b"".join((
         header, state.items.astype("<i8").tobytes(), state.types.astype("u1").tobytes(),
         seconds.tobytes(), np.asarray(state.recent_event_ids, "<u4").tobytes(),
-        vector.astype("<f2").tobytes()))
+        vector.astype("<f2").tobytes(), *(_encode_window(w) for w in pending)))
+
+
+def _encode_window(window: PendingWindow) -> bytes:
+    flags = _ACTIONS.index(window.action) | (_HOLDOUT_BIT if window.arm == Arm.HOLDOUT else 0)
+    return _WINDOW.pack(bytes.fromhex(window.ref), min(max(window.start_s, 0), _U32_MAX),
+                        flags)
+
+
+def _decode_window(raw: bytes) -> PendingWindow:
+    ref, start_s, flags = _WINDOW.unpack(raw)
+    return PendingWindow(ref.hex(), start_s, Arm.HOLDOUT if flags & _HOLDOUT_BIT
+                         else Arm.TREATMENT, _ACTIONS[flags & 0x7F])
 
 
 def decode(data: bytes) -> UserState:
     """Raises :class:`StateFormatError` for a record of another version or the wrong size."""
-    if len(data) < _HEADER.size or data[0] != FORMAT_VERSION:
-        found = data[0] if data else "empty"
+    version = data[0] if data else None
+    header = {FORMAT_VERSION: _HEADER, 3: _HEADER_V3}.get(version)  # type: ignore[arg-type]
+    if header is None or len(data) < header.size:
+        found = "empty" if version is None else version
         raise StateFormatError(f"user state format {found} ({len(data)} bytes), this worker "
-                               f"reads format {FORMAT_VERSION}")
-    fields = _HEADER.unpack_from(data)
-    _, n, m, d, flags, base = fields[:6]
-    expected = _HEADER.size + n * (8 + 1 + 4) + m * 4 + d * 2
+                               f"reads formats 3 and {FORMAT_VERSION}")
+    fields = list(header.unpack_from(data))
+    if header is _HEADER_V3:
+        fields.insert(5, 0)  # no attribution windows yet
+    _, n, m, d, flags, w, base = fields[:7]
+    expected = header.size + n * (8 + 1 + 4) + m * 4 + d * 2 + w * _WINDOW.size
     if len(data) != expected:
         raise StateFormatError(f"user state record is {len(data)} bytes; its header "
                                f"describes {expected}")
-    views, clicks, carts, purchases, spend, cart_ts = fields[6:12]
-    channel_fields = fields[12:12 + 3 * len(CHANNELS)]
+    views, clicks, carts, purchases, spend, cart_ts = fields[7:13]
+    channel_fields = fields[13:13 + 3 * len(CHANNELS)]
     model_version, vector_events, last_offset, last_repartition_offset = \
-        fields[12 + 3 * len(CHANNELS):]
-    offset = _HEADER.size
+        fields[13 + 3 * len(CHANNELS):]
+    offset = header.size
 
     def take(dtype: str, count: int) -> np.ndarray:
         nonlocal offset
@@ -249,6 +288,8 @@ def decode(data: bytes) -> UserState:
     seconds = take("<u4", n).astype(np.int64)
     hashes = take("<u4", m)
     vector = take("<f2", d).astype(np.float16) if d else None
+    pending = [_decode_window(data[offset + i * _WINDOW.size:offset + (i + 1) * _WINDOW.size])
+               for i in range(w)]
     channels = {name: ChannelState(*channel_fields[3 * i:3 * i + 3])
                 for i, name in enumerate(CHANNELS)}
     return UserState(
@@ -259,7 +300,7 @@ def decode(data: bytes) -> UserState:
         channels=channels, vector=vector,
         model_version=model_version.hex() if model_version.strip(b"\0") else "",
         vector_events=vector_events, last_offset=last_offset,
-        last_repartition_offset=last_repartition_offset)
+        last_repartition_offset=last_repartition_offset, pending=pending)
 
 
 def _version_bytes(version: str) -> bytes:
@@ -273,5 +314,6 @@ def _version_bytes(version: str) -> bytes:
 
 
 def encoded_size_bound(max_len: int = DEFAULT_MAX_LEN, dims: int = 64) -> int:
-    """Bytes of a full record: every slot used and a vector."""
-    return _HEADER.size + max_len * (8 + 1 + 4) + DEDUP_WINDOW * 4 + dims * 2
+    """Bytes of a full record: every slot used, a vector and every attribution window."""
+    return (_HEADER.size + max_len * (8 + 1 + 4) + DEDUP_WINDOW * 4 + dims * 2
+            + MAX_PENDING * _WINDOW.size)

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from stream import outcomes
 from stream.config import PolicyConfig
 from stream.contracts import Coupon, Limits, Preferences
 from stream.metrics import Metrics
@@ -28,7 +29,7 @@ from stream.policy import ServingModel
 from stream.topics import expected_partition
 
 TOPICS = Topics(events="events", repartition="promo-events-repartition", dlq="events.dlq",
-                decisions="decisions", vectors="user-vectors")
+                decisions="decisions", vectors="user-vectors", outcomes="outcomes")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class MemoryStore:
     budgets: dict[int, dict[str, bytes]] = field(default_factory=dict)
     preferences: dict[int, dict[str, bytes]] = field(default_factory=dict)
     carts: dict[int, dict[str, OpenCart]] = field(default_factory=dict)
+    pending: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    watermarks: dict[int, int] = field(default_factory=dict)
+    counts: dict[int, dict[str, bytes]] = field(default_factory=dict)
 
     def get_users(self, partition: int, user_ids: Sequence[str]) -> dict[str, bytes]:
         mine = self.users.get(partition, {})
@@ -78,6 +82,41 @@ class MemoryStore:
     def due_carts(self, before_ms: int) -> list[OpenCart]:
         return [cart for mine in self.carts.values() for cart in mine.values()
                 if cart.ts_ms <= before_ms]
+
+    def get_pending(self, partition: int, refs: Sequence[str]) -> dict[str, bytes]:
+        mine = self.pending.get(partition, {})
+        return {ref: mine[ref] for ref in refs if ref in mine}
+
+    def put_pending(self, partition: int, records: Mapping[str, bytes | None]) -> None:
+        mine = self.pending.setdefault(partition, {})
+        for ref, raw in records.items():
+            if raw is None:
+                mine.pop(ref, None)
+            else:
+                mine[ref] = raw
+
+    def all_pending(self, partition: int) -> list[bytes]:
+        return list(self.pending.get(partition, {}).values())
+
+    def all_pending_refs(self) -> set[str]:
+        return {ref for mine in self.pending.values() for ref in mine}
+
+    def get_watermark(self, partition: int) -> int:
+        return self.watermarks.get(partition, 0)
+
+    def put_watermark(self, partition: int, watermark: int) -> None:
+        self.watermarks[partition] = watermark
+
+    def get_counts(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
+        mine = self.counts.get(partition, {})
+        return {key: mine[key] for key in keys if key in mine}
+
+    def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None:
+        self.counts.setdefault(partition, {}).update(records)
+
+    def all_counts(self) -> dict[str, bytes]:
+        """Every partition's counts, as `promo report uplift` reads the changelog."""
+        return {key: raw for mine in self.counts.values() for key, raw in mine.items()}
 
     async def flush(self) -> None:
         return None
@@ -125,7 +164,8 @@ class Harness:
 
     def __init__(self, *, policy: PolicyConfig | None = None, encoder: ServingModel | None = None,
                  coupons: Sequence[Coupon] = (), partitions: int = 2, now_ms: int = 0,
-                 limits: Limits | None = None, retries: int = 2) -> None:
+                 limits: Limits | None = None, retries: int = 2,
+                 attribution: outcomes.Rules | None = outcomes.DEFAULT_RULES) -> None:
         self.store = MemoryStore()
         self.sink = ListSink()
         self.metrics = Metrics()
@@ -138,7 +178,7 @@ class Harness:
             limits=limits or Limits(), topics=TOPICS, store=self.store, sink=self.sink,
             metrics=self.metrics, model=self.model, policy_config=policy or PolicyConfig(),
             coupons=lambda: self._coupons, partitions=partitions, retries=retries,
-            clock=lambda: self.now_ms / 1000)
+            attribution=attribution, clock=lambda: self.now_ms / 1000)
 
     def record(self, key: bytes | str | None, value: bytes | None, *,
                partition: int | None = None, topic: str = TOPICS.events) -> Consumed:
@@ -174,6 +214,9 @@ class Harness:
 
     def decisions(self) -> list[dict[str, Any]]:
         return self.published(TOPICS.decisions)
+
+    def outcomes(self) -> list[dict[str, Any]]:
+        return self.published(TOPICS.outcomes)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return self.published(TOPICS.dlq)

@@ -95,7 +95,8 @@ class TopicSpec:
 #: The worker's tables (faust: RocksDB + a compacted changelog topic each, co-partitioned with
 #: `events`). Their changelogs are created before the worker joins its group (see
 #: :func:`ensure_topics`).
-TABLES = ("users", "coupon-budgets", "open-carts", "preferences")
+TABLES = ("users", "coupon-budgets", "open-carts", "preferences", "pending-outcomes",
+          "outcome-counts")
 
 
 def changelog_topic(app_id: str, table: str) -> str:
@@ -118,6 +119,8 @@ def topic_specs(kafka: KafkaSettings, app_id: str | None = None) -> list[TopicSp
         # Rejected records are kept longer than events: someone has to look at them.
         TopicSpec(kafka.dlq_topic, p, {"retention.ms": str(30 * DAY_MS)}),
         TopicSpec(kafka.decisions_topic, p, week),
+        # One record per decision, keyed by its id: compaction keeps the last of any repeat.
+        TopicSpec(kafka.outcomes_topic, p, compacted),
         TopicSpec(kafka.vectors_topic, p, compacted),
         TopicSpec(kafka.preferences_topic, p, compacted),
         # Every worker reads the whole catalog, so one partition keeps it in order.

@@ -103,6 +103,7 @@ def test_each_missing_required_field_is_named(field: str) -> None:
     ("ts", "1760000000000"), ("ts", 1.76e12), ("ts", True),
     ("price", "9.99"), ("price", True), ("quantity", 1.5), ("quantity", "2"),
     ("category", 7), ("session_id", False), ("schema_version", "1"),
+    ("coupon_id", 5), ("coupon_id", ["c"]), ("value", "42"), ("value", False),
 ])
 def test_wrong_types_are_rejected(field: str, value: object) -> None:
     result = parse({**GOOD, field: value})
@@ -112,10 +113,21 @@ def test_wrong_types_are_rejected(field: str, value: object) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("event_id", ""), ("user_id", "   "), ("item_id", "x" * 300),
-    ("price", -1), ("quantity", 0),
+    ("price", -1), ("quantity", 0), ("coupon_id", ""), ("coupon_id", "c" * 257),
+    ("value", -0.01),
 ])
 def test_invalid_values_are_rejected(field: str, value: object) -> None:
     assert reason_of({**GOOD, field: value}) is Reason.INVALID_VALUE
+
+
+def test_a_purchase_may_name_its_coupon_and_its_value() -> None:
+    event = parse({**GOOD, "type": "purchase", "coupon_id": "five-off", "value": 42,
+                   "price": 3.0, "quantity": 2})
+    assert isinstance(event, Event)
+    assert (event.coupon_id, event.value, event.worth) == ("five-off", 42.0, 42.0)
+    without = parse({**GOOD, "type": "purchase", "price": 3.0, "quantity": 2})
+    assert isinstance(without, Event) and without.worth == 6.0
+    assert parse(event.to_json()) == event  # what the simulator and tests produce reads back
 
 
 def test_unknown_event_types_are_rejected() -> None:

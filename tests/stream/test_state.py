@@ -8,10 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encoder.vocab import item_key
-from stream.contracts import Event
+from stream.contracts import Action, Arm, Event
 from stream.state import (
     DEDUP_WINDOW,
+    MAX_PENDING,
     TYPE_ID,
+    PendingWindow,
     StateFormatError,
     UserState,
     apply_events,
@@ -126,6 +128,32 @@ def test_a_full_record_is_under_one_kilobyte() -> None:
     s.model_version = "abcdefabcdef0123"
     size = len(encode(s))
     assert size <= encoded_size_bound() < 1024, size
+
+
+def test_a_full_record_with_every_attribution_window_is_under_one_kilobyte() -> None:
+    s = UserState()
+    apply_events(s, [ev(n, "add_to_cart", item=f"sku-{n:012d}") for n in range(300)])
+    s.vector = np.ones(64, np.float16)
+    s.model_version = "abcdefabcdef0123"
+    s.pending = [PendingWindow(f"{n:016x}", 1_780_000_000 + n, arm, action)
+                 for n, (arm, action) in enumerate([(Arm.TREATMENT, Action.COUPON),
+                                                    (Arm.HOLDOUT, Action.NONE),
+                                                    (Arm.TREATMENT, Action.PUSH),
+                                                    (Arm.HOLDOUT, Action.PUSH)])]
+    data = encode(s)
+    assert len(data) <= encoded_size_bound() < 1024, len(data)
+    assert decode(data).pending == s.pending
+    assert len(s.pending) == MAX_PENDING
+
+
+def test_a_format_3_record_still_reads_with_no_windows() -> None:
+    s = UserState()
+    apply_events(s, [ev(n, "view") for n in range(5)])
+    s.vector = np.ones(8, np.float16)
+    v4 = encode(s)
+    v3 = bytes([3]) + v4[1:5] + v4[6:]  # format 3 had no window count in its header
+    back = decode(v3)
+    assert back.pending == [] and encode(back) == v4
 
 
 def test_a_multibyte_cart_item_never_breaks_the_record() -> None:
