@@ -1,4 +1,5 @@
-"""`promo report`: watch a worker's /metrics for a while and draw what happened, as a PNG.
+"""`promo report`: watch a worker's /metrics for a while and draw what happened, as a PNG;
+`promo report uplift`: the lift of each campaign over the holdout, as text, JSON or a PNG.
 
 For people who would rather look than read: throughput by event type, decisions by action,
 event-time -> decision latency percentiles, consumer lag, each campaign's remaining budget and
@@ -14,8 +15,12 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from stream.uplift import Interval, Lift
 
 Sample = dict[str, float]  # "name{label=value,...}" -> value
 
@@ -148,3 +153,90 @@ def save(samples: Sequence[tuple[float, Sample]], path: Path) -> None:
 
 def load(path: Path) -> list[tuple[float, Sample]]:
     return [(float(row["t"]), dict(row["metrics"])) for row in json.loads(path.read_text())]
+
+
+# --- `promo report uplift` ---------------------------------------------------------------------
+
+def _points(value: float) -> str:
+    return f"{value * 100:+.2f}"
+
+
+def _span(interval: Interval, scale: float = 100.0, digits: int = 2) -> str:
+    return f"[{interval.low * scale:+.{digits}f}, {interval.high * scale:+.{digits}f}]"
+
+
+def uplift_table(rows: Sequence[tuple[str, Lift]], alpha: float) -> str:
+    """The report as text: one block per campaign, the always-valid interval first."""
+    level = f"{(1 - alpha) * 100:g}%"
+    lines = [f"Conversion within the attribution window, treatment vs holdout; {level} "
+             "intervals are always valid (read them as often as you like). The fixed-horizon "
+             "interval is shown only for comparison: it is valid for one look at a sample "
+             "size fixed in advance.", ""]
+    for label, row in rows:
+        t, h = row.treatment, row.holdout
+        lines.append(f"{label}")
+        lines.append(f"  decisions      treatment {t.decisions:>9,}   holdout {h.decisions:>9,}"
+                     f"   (evicted windows: {t.evicted + h.evicted:,})")
+        lines.append(f"  conv. rate     treatment {row.treatment_rate:9.2%} "
+                     f"{_span(row.treatment_interval, digits=1)}   holdout "
+                     f"{row.holdout_rate:9.2%} {_span(row.holdout_interval, digits=1)}")
+        lines.append(f"  lift (points)  {_points(row.lift)} {_span(row.lift_interval)}  -> "
+                     f"{row.verdict}   [fixed horizon, extra: {_span(row.lift_interval_fixed)}]")
+        relative = ("n/a" if math.isinf(row.relative_lift)
+                    else f"{row.relative_lift:+.1%}")
+        lines.append(f"  relative lift  {relative} "
+                     f"{_span(row.relative_interval, digits=1)}%")
+        lines.append(f"  incremental    {row.incremental_conversions:+,.1f} conversions "
+                     f"{_span(row.incremental_interval, scale=1.0, digits=1)}")
+        if row.incremental_revenue is not None and row.revenue_interval is not None:
+            lines.append(f"                 {row.incremental_revenue:+,.2f} revenue "
+                         f"{_span(row.revenue_interval, scale=1.0)}")
+        if row.cost:
+            per = ("n/a (no increment yet)" if row.cost_per_incremental_conversion is None
+                   else f"{row.cost_per_incremental_conversion:,.2f}")
+            lines.append(f"  coupon cost    {row.cost:,.2f} redeemed; per incremental "
+                         f"conversion {per}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_uplift(rows: Sequence[tuple[str, Lift]], out: Path, alpha: float) -> None:
+    """Conversion rate per arm and the lift, with their intervals, one row per campaign."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _ in rows]
+    y = list(range(len(rows)))
+    fig, (rates, lifts) = plt.subplots(1, 2, figsize=(12, 1.2 + 0.6 * len(rows)), sharey=True)
+    for offset, arm, color in ((-0.15, "treatment", "tab:blue"), (0.15, "holdout", "tab:gray")):
+        values = [getattr(r, f"{arm}_rate") * 100 for _, r in rows]
+        spans = [getattr(r, f"{arm}_interval") for _, r in rows]
+        rates.errorbar(values, [v + offset for v in y],
+                       xerr=[[v - s.low * 100 for v, s in zip(values, spans, strict=True)],
+                             [s.high * 100 - v for v, s in zip(values, spans, strict=True)]],
+                       fmt="o", color=color, label=arm, capsize=3)
+    rates.set_xlabel("conversion rate (%)")
+    rates.legend(fontsize=8)
+    values = [r.lift * 100 for _, r in rows]
+    for offset, name, color, style in ((-0.1, "lift_interval", "tab:green", "always valid"),
+                                       (0.1, "lift_interval_fixed", "tab:orange",
+                                        "fixed horizon (extra)")):
+        spans = [getattr(r, name) for _, r in rows]
+        lifts.errorbar(values, [v + offset for v in y],
+                       xerr=[[max(0.0, v - s.low * 100) for v, s in zip(values, spans,
+                                                                          strict=True)],
+                             [max(0.0, s.high * 100 - v) for v, s in zip(values, spans,
+                                                                          strict=True)]],
+                       fmt="o", color=color, label=style, capsize=3)
+    lifts.axvline(0, color="black", linewidth=0.8)
+    lifts.set_xlabel("lift (conversion-rate points)")
+    lifts.legend(fontsize=8)
+    rates.set_yticks(y, labels)
+    rates.invert_yaxis()
+    fig.suptitle(f"promo-stream lift vs holdout ({(1 - alpha) * 100:g}% intervals)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
