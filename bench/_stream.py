@@ -68,6 +68,7 @@ def with_topics(settings: Settings, prefix: str) -> Settings:
             k, events_topic=f"{prefix}-{k.events_topic}", dlq_topic=f"{prefix}-{k.dlq_topic}",
             decisions_topic=f"{prefix}-{k.decisions_topic}",
             vectors_topic=f"{prefix}-{k.vectors_topic}",
+            outcomes_topic=f"{prefix}-{k.outcomes_topic}",
             coupons_topic=f"{prefix}-{k.coupons_topic}",
             preferences_topic=f"{prefix}-{k.preferences_topic}"),
         worker=dataclasses.replace(settings.worker, app_id=f"{prefix}-{settings.worker.app_id}"))

@@ -127,6 +127,7 @@ def settings(bootstrap: str, tmp_path: Path) -> Settings:
         base.kafka, bootstrap_servers=bootstrap, partitions=2,
         events_topic=f"events-{run}", dlq_topic=f"events.dlq-{run}",
         decisions_topic=f"decisions-{run}", vectors_topic=f"user-vectors-{run}",
+        outcomes_topic=f"outcomes-{run}",
         coupons_topic=f"coupons-{run}", preferences_topic=f"user-preferences-{run}")
     worker = dataclasses.replace(base.worker, app_id=f"promo-test-{run}",
                                  data_dir=str(tmp_path / "worker"), batch_max_seconds=0.1)

@@ -83,6 +83,7 @@ def other_settings(settings: Settings, tmp_path: Path, name: str) -> Settings:
         k, events_topic=f"{k.events_topic}-{name}{run}", dlq_topic=f"{k.dlq_topic}-{name}{run}",
         decisions_topic=f"{k.decisions_topic}-{name}{run}",
         vectors_topic=f"{k.vectors_topic}-{name}{run}",
+        outcomes_topic=f"{k.outcomes_topic}-{name}{run}",
         coupons_topic=f"{k.coupons_topic}-{name}{run}",
         preferences_topic=f"{k.preferences_topic}-{name}{run}")
     worker = dataclasses.replace(settings.worker, app_id=f"{settings.worker.app_id}-{name}",
@@ -132,7 +133,7 @@ def test_a_healthy_worker_is_quiet_and_each_fault_raises_exactly_its_alert(
         import json
 
         for panel in json.loads(DASHBOARD.read_text())["panels"]:
-            for target in panel["targets"]:
+            for target in panel.get("targets", []):  # a row has none
                 expr = target["expr"].replace("$__rate_interval", "1m")
                 assert prom.vector(expr), f"panel {panel['title']!r}: {expr} has no data"
         budget = prom.query('promo_coupon_budget_remaining_ratio{campaign="everyday"}')

@@ -25,7 +25,8 @@ Case = dict[str, Any]
 
 def _rules() -> dict[str, dict[str, Any]]:
     groups = yaml.safe_load(RULES.read_text())["groups"]
-    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]
+            if "alert" in rule}
 
 
 def _firing(alert: str, labels: dict[str, str], at: str, **filled: str) -> Case:
@@ -142,7 +143,59 @@ def cases() -> list[Case]:
             _quiet("PromoModelNotLoaded", "3m"),
             _firing("PromoModelNotLoaded", {"severity": "warning", "instance": "w1"}, "7m",
                     **{INSTANCE: "w1"})]),
+        _case("a campaign clearly worse than its holdout fires; an unclear one and a good "
+              "one do not", "1m", {
+            # hurts: 20% vs 30% over 20,000 + 2,000 decisions, summed over two workers
+            'promo_uplift_decisions{instance="w1", campaign="hurts", arm="treatment"}':
+                "10000x30",
+            'promo_uplift_conversions{instance="w1", campaign="hurts", arm="treatment"}':
+                "2000x30",
+            'promo_uplift_decisions{instance="w2", campaign="hurts", arm="treatment"}':
+                "10000x30",
+            'promo_uplift_conversions{instance="w2", campaign="hurts", arm="treatment"}':
+                "2000x30",
+            'promo_uplift_decisions{instance="w1", campaign="hurts", arm="holdout"}':
+                "2000x30",
+            'promo_uplift_conversions{instance="w1", campaign="hurts", arm="holdout"}':
+                "600x30",
+            # unclear: the same rates on 100 + 10 decisions
+            'promo_uplift_decisions{instance="w1", campaign="unclear", arm="treatment"}':
+                "100x30",
+            'promo_uplift_conversions{instance="w1", campaign="unclear", arm="treatment"}':
+                "20x30",
+            'promo_uplift_decisions{instance="w1", campaign="unclear", arm="holdout"}':
+                "10x30",
+            'promo_uplift_conversions{instance="w1", campaign="unclear", arm="holdout"}':
+                "3x30",
+            # helps: 30% vs 20%
+            'promo_uplift_decisions{instance="w1", campaign="helps", arm="treatment"}':
+                "20000x30",
+            'promo_uplift_conversions{instance="w1", campaign="helps", arm="treatment"}':
+                "6000x30",
+            'promo_uplift_decisions{instance="w1", campaign="helps", arm="holdout"}':
+                "2000x30",
+            'promo_uplift_conversions{instance="w1", campaign="helps", arm="holdout"}':
+                "400x30"}, [
+            _quiet("PromoCampaignHurtsConversion", "10m"),
+            _firing("PromoCampaignHurtsConversion", {"severity": "warning",
+                                                     "campaign": "hurts"}, "20m",
+                    **{"{{ $labels.campaign }}": "hurts",
+                       PERCENT: _percent(_hurts_upper_bound())})]),
     ]
+
+
+def _hurts_upper_bound() -> float:
+    """The guardrail's bound for the "hurts" case, by stream/uplift.py's own code."""
+    from stream.outcomes import ArmTally, Tally
+    from stream.uplift import lift
+
+    return lift(Tally(ArmTally(decisions=20_000, converted=4_000),
+                      ArmTally(decisions=2_000, converted=600))).lift_interval.high
+
+
+def _percent(value: float) -> str:
+    """Prometheus's humanizePercentage: the value x 100 with 4 significant digits."""
+    return f"{value * 100:.4g}%"
 
 
 def render() -> str:
