@@ -110,20 +110,29 @@ def ref(decision_id: str) -> str:
 
 
 def attribute(windows: Iterable[PendingWindow], steps: Iterable[Seen | Opened],
-              rules: Rules) -> tuple[list[PendingWindow], list[Closing]]:
-    """Walk one user's steps in log order; return the windows still open and those closed,
-    in the order they closed."""
+              rules: Rules, watermark: int = 0) -> tuple[list[PendingWindow], list[Closing]]:
+    """Walk one user's steps in log order from the partition's ``watermark``; return the
+    windows still open and those closed, in the order they closed.
+
+    A decision opens its window where its trigger is in the log, so windows the watermark
+    has passed there close first (the new one too, if its trigger came late): only then may
+    one too many evict another. Whatever batches the log is cut into, the same windows close
+    the same way.
+    """
     still = list(windows)
     closed: list[Closing] = []
+    mark = watermark
     for step in steps:
         if isinstance(step, Opened):
-            still.append(step.window)
+            still, expired = expire([*still, step.window], mark, rules)
+            closed += expired
             if len(still) > rules.max_pending:
                 victim = next((w for w in still if w.action == Action.NONE), still[0])
                 still.remove(victim)
                 closed.append(Closing(victim, Closure.EVICTION))
             continue
-        still, expired = expire(still, step.watermark, rules)
+        mark = max(mark, step.watermark)
+        still, expired = expire(still, mark, rules)
         closed += expired
         event = step.event
         if event.type in rules.conversion_types:
@@ -131,6 +140,7 @@ def attribute(windows: Iterable[PendingWindow], steps: Iterable[Seen | Opened],
             if hits:
                 still = [w for w in still if w not in hits]
                 closed += [Closing(w, Closure.CONVERSION, event) for w in hits]
+        mark = max(mark, event.ts)
     return still, closed
 
 

@@ -246,6 +246,7 @@ class _Pass:
     by_type: Counter[str] = field(default_factory=Counter)
     triggers: Counter[str] = field(default_factory=Counter)
     watermarks: dict[int, int] = field(default_factory=dict)  # per partition, as it advances
+    watermarks_before: dict[int, int] = field(default_factory=dict)  # ... and as it was
     pending: dict[int, dict[str, bytes | None]] = field(
         default_factory=lambda: defaultdict(dict))  # None: the outcome is out
     tallies: dict[int, dict[outcomes.Group, outcomes.Tally]] = field(
@@ -412,6 +413,7 @@ class Pipeline:
         mark = done.watermarks.get(partition)
         if mark is None:
             mark = done.watermarks[partition] = self.store.get_watermark(partition)
+            done.watermarks_before[partition] = mark
         return mark
 
     def _add_due_windows(self, done: _Pass) -> None:
@@ -661,7 +663,10 @@ class Pipeline:
                     decision, start)
             if not steps and not s.pending:
                 continue
-            still, closed = outcomes.attribute(s.pending, steps, rules)
+            start_mark = done.watermarks_before.get(user.partition)
+            if start_mark is None:  # a timer's pass: no record moved the partition's time
+                start_mark = self.store.get_watermark(user.partition)
+            still, closed = outcomes.attribute(s.pending, steps, rules, start_mark)
             mark = done.watermarks.get(user.partition)
             if mark is not None:
                 still, expired = outcomes.expire(still, mark, rules)

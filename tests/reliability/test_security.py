@@ -83,7 +83,7 @@ def grant_worker(cluster: launcher.Cluster, settings: Settings) -> None:
     for topic in (k.events_topic, k.preferences_topic, k.coupons_topic):
         launcher.acl(cluster, "--add", *user, "--operation", "Read", "--operation", "Describe",
                      "--topic", topic)
-    for topic in (k.decisions_topic, k.dlq_topic, k.vectors_topic):
+    for topic in (k.decisions_topic, k.dlq_topic, k.vectors_topic, k.outcomes_topic):
         launcher.acl(cluster, "--add", *user, "--operation", "Write", "--operation", "Describe",
                      "--topic", topic)
     launcher.acl(cluster, "--add", *user, "--operation", "All", "--topic", APP_ID,

@@ -107,7 +107,7 @@ def _walk(spec: list[tuple[str, int, object]]) -> tuple[list[Seen | Opened], int
     return walked, mark
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(spec=steps, cuts=st.lists(st.integers(0, 40), max_size=5))
 def test_every_window_closes_once_and_batches_do_not_change_the_result(
         spec: list[tuple[str, int, object]], cuts: list[int]) -> None:
@@ -124,7 +124,7 @@ def test_every_window_closes_once_and_batches_do_not_change_the_result(
     pieces, still, mark, chunked = sorted(set(cuts)), [], 0, []
     for start, end in zip([0, *pieces], [*pieces, len(walked)], strict=True):
         part = walked[start:end]
-        still, closed_here = outcomes.attribute(still, part, RULES)
+        still, closed_here = outcomes.attribute(still, part, RULES, mark)
         mark = max([mark] + [s.event.ts for s in part if isinstance(s, Seen)])
         still, expired = outcomes.expire(still, mark, RULES)
         chunked += closed_here + expired
