@@ -66,6 +66,7 @@ from sortedcontainers import SortedList
 from stream import outcomes, policy, state
 from stream.config import PolicyConfig
 from stream.contracts import (
+    Action,
     Coupon,
     Decision,
     Event,
@@ -712,7 +713,9 @@ class Pipeline:
         decision = policy.decide(user_id, user.state, vector, trigger,
                                  self._preferences(user_id, user), ctx,
                                  vector_stale=current and user.state.vector_stale)
-        if decision is not None and decision.to_send:
+        if decision is not None and decision.action != Action.NONE:
+            # A holdout decision counts against the caps as if sent (a ghost send): both arms
+            # then see the same caps, and their decisions compare like for like.
             user.state.channels[decision.action].record_send(now_ms)
         if trigger.kind == TriggerKind.CART_ABANDONED:
             user.state.cart_reminded = True  # decided once, even if consent said nothing

@@ -9,7 +9,8 @@ For a user with a trigger, :func:`decide` applies, in this order (DESIGN §7):
 1. consent: a user who opted out of both channels gets nothing at all, not even a record;
 2. holdout: a deterministic hash of the user id puts ``holdout_percent`` of users in the
    holdout arm; their decisions are recorded (``arm="holdout"``) but never sent, and consume
-   no budget and no cap;
+   no budget. They do count against the user's caps, as if sent (the worker records a ghost
+   send), so both arms are decided under the same caps and compare like for like;
 3. frequency caps and minimum intervals per channel;
 4. quiet hours in the user's time zone;
 5. coupon validity, budget pacing (a partition never reserves more than its paced share of a

@@ -290,3 +290,22 @@ def test_the_handler_never_raises_and_accounts_for_every_record(data: st.DataObj
             assert state.encode(state.decode(raw_state)) == raw_state
     ids_seen = [d["decision_id"] for d in h.decisions()]
     assert len(ids_seen) == len(set(ids_seen))
+
+
+def test_a_holdout_user_is_capped_as_if_the_decisions_had_been_sent() -> None:
+    # Both arms must be decided under the same caps, or a campaign's holdout decisions would
+    # be every trigger while its treatment decisions are the first of each day.
+    everyone_held_out = dataclasses.replace(CART, holdout_percent=100)
+    outcomes_by_arm: dict[str, tuple[str, str, list[str]]] = {}
+    for name, config in (("holdout", everyone_held_out), ("treatment", CART)):
+        h = Harness(policy=config, now_ms=NOON, coupons=[Coupon("c", 1.0, 100.0)])
+        h.run(records(h, [cart_add("u", 0)]))
+        h.now_ms += 60_000
+        h.run(records(h, [cart_add("u", 1, ts=NOON + 60_000)]))
+        first, second = h.decisions()
+        assert first["arm"] == second["arm"] == name
+        outcomes_by_arm[name] = (first["action"], second["action"],
+                                 [r["code"] for r in second["reasons"]])
+    assert outcomes_by_arm["holdout"] == outcomes_by_arm["treatment"]
+    assert outcomes_by_arm["holdout"][0] == "coupon"
+    assert "coupon_daily_cap" in outcomes_by_arm["holdout"][2]
