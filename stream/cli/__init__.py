@@ -3,7 +3,8 @@
 One module per command group: :mod:`~stream.cli.broker` (a local Kafka),
 :mod:`~stream.cli.streaming` (worker, replay, export-events, demo),
 :mod:`~stream.cli.campaigns` (coupons, preferences), :mod:`~stream.cli.model` (train,
-evaluate, publish, simulate) and :mod:`~stream.cli.observe` (report). Shared options live in
+evaluate, publish, simulate), :mod:`~stream.cli.observe` (report, report uplift) and
+:mod:`~stream.cli.shop` (shop-sim). Shared options live in
 :mod:`~stream.cli.common`.
 
 A failure a user can cause (a broker not running, a port taken, a bad setting, a missing file)
@@ -18,7 +19,7 @@ import sys
 import click
 
 from stream import logs
-from stream.cli import broker, campaigns, model, observe, streaming
+from stream.cli import broker, campaigns, model, observe, shop, streaming
 from stream.cli.common import Context, pass_context
 
 
@@ -95,6 +96,6 @@ def show_config(context: Context) -> None:
     click.echo(as_toml(context.settings), nl=False)
 
 
-for _module in (broker, streaming, campaigns, model, observe):
+for _module in (broker, streaming, campaigns, model, observe, shop):
     for _command in _module.COMMANDS:
         main.add_command(_command)
