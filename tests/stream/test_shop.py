@@ -3,17 +3,27 @@ and a ground truth that a long randomized run of the real pipeline recovers."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections import defaultdict
+import json
+import subprocess
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from encoder.data import Interaction, load_dataset
-from stream import shop, uplift
-from stream.config import PolicyConfig
-from stream.contracts import Coupon, Event, parse_event
+from stream import outcomes, shop, uplift
+from stream.config import PolicyConfig, Settings
+from stream.contracts import Action, Arm, Coupon, Event, parse_event
 from stream.outcomes import Rules
+from stream.state import PendingWindow
 from stream.testing import tiny_encoder
+from tests.support import PROMO, PromoProcess, consume_all, scrape, settings_env
+from tests.workers import send_coupons
 
 DAY = 86_400_000
 START = 1_780_000_000_000
@@ -123,3 +133,103 @@ def test_a_long_randomized_run_recovers_the_ground_truth(
         assert estimate.lift_interval.covers(truth[campaign]["true_lift"]), (
             campaign, estimate.lift_interval, truth[campaign])
         assert estimate.verdict == "better"
+
+
+# --- live: the real broker, a real worker, `promo shop-sim` and `promo report uplift` ---------
+
+def recompute_outcomes(events: list[Any], decisions: list[dict[str, Any]],
+                       rules: Rules) -> dict[str, outcomes.Closing]:
+    """Every decision's closing, recomputed from the `events` and `decisions` topics alone:
+    each partition's records in offset order, the watermark record by record, each decision
+    opened right after its trigger event (stream.outcomes, run offline)."""
+    by_trigger = {d["trigger_event_id"]: d for d in decisions}
+    steps: dict[str, list[outcomes.Seen | outcomes.Opened]] = defaultdict(list)
+    marks: dict[int, int] = defaultdict(int)
+    home: dict[str, int] = {}
+    for record in sorted(events, key=lambda r: (r.partition, r.offset)):
+        event = parse_event(record.value, record.key, now_ms=2**62)
+        assert isinstance(event, Event), event
+        steps[event.user_id].append(outcomes.Seen(event, marks[record.partition]))
+        marks[record.partition] = max(marks[record.partition], event.ts)
+        home[event.user_id] = record.partition
+        decision = by_trigger.get(event.event_id)
+        if decision is not None:
+            steps[event.user_id].append(outcomes.Opened(PendingWindow(
+                outcomes.ref(decision["decision_id"]), event.ts // 1000, Arm(decision["arm"]),
+                Action(decision["action"]))))
+    closings = {}
+    for user, walk in steps.items():
+        still, closed = outcomes.attribute([], walk, rules)
+        _, expired = outcomes.expire(still, marks[home[user]], rules)
+        closings.update({c.window.ref: c for c in closed + expired})
+    return closings
+
+
+@pytest.mark.slow(seconds=150)
+def test_live_shop_sim_report_and_counters_agree_with_the_truth_and_the_topics(
+        settings: Settings, run_worker: Callable[..., tuple[PromoProcess, int]],
+        checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    items = sorted({i for t in shop.histories(load_dataset("instacart")) for o in t
+                    for i in o.items})
+    send_coupons(settings, [Coupon("five-off", 5.0, 1e9, items=tuple(items[:200])),
+                            Coupon("store-wide", 2.0, 1e9)])
+    rehearsal = {k: str(v) for k, v in shop.REHEARSAL_POLICY.items()} | {
+        "holdout_percent": "30", "default_timezone": "UTC"}
+    attribution = {"PROMO_ATTRIBUTION_WINDOW_SECONDS": str(2 * 86_400)}
+    _, port = run_worker(checkpoints["v1"], env=attribution, **rehearsal)
+    env = settings_env(settings) | attribution | {
+        f"PROMO_POLICY_{k.upper()}": v for k, v in rehearsal.items()}
+    truth_file = tmp_path / "truth.json"
+    sim = subprocess.run(
+        [PROMO, "shop-sim", "--users", "600", "--days", "6", "--speed", "25000",
+         "--truth-users", "3000", "--coupon-uplift", "0.6", "--push-uplift", "0.3",
+         "--checkpoint", str(checkpoints["v1"]), "--out", str(truth_file), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    report = json.loads(truth_file.read_text())
+    live, truth = report["live"], report["truth"]["campaigns"]
+    assert live["decisions"] > 300 and live["missing_outcomes"] == 0
+    assert live["decisions_by_arm"].get("holdout", 0) > 50 and live["extra_orders"] > 0
+
+    # `promo report uplift` finds each campaign's true lift inside its always-valid interval.
+    shown = subprocess.run([PROMO, "report", "uplift", "--json"], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    rows = {row["campaign"]: row for row in json.loads(shown.stdout)["rows"]}
+    checked = 0
+    for campaign, row in rows.items():
+        true_lift = truth.get(campaign, {}).get("true_lift")
+        if true_lift is None or min(row["treatment"]["decisions"],
+                                    row["holdout"]["decisions"]) < 30:
+            continue
+        interval = row["lift_interval"]
+        assert interval["low"] <= true_lift <= interval["high"], (campaign, row, truth[campaign])
+        checked += 1
+    assert "all" in rows and checked >= 2
+
+    # Every decision has exactly one outcome, and worker, topic and an offline recomputation
+    # from the events and decisions topics agree on each of them.
+    k = settings.kafka
+    decisions = [orjson.loads(r.value) for r in asyncio.run(consume_all(
+        k.bootstrap_servers, k.decisions_topic, idle=2.0, isolation_level="read_committed"))]
+    published = asyncio.run(consume_all(k.bootstrap_servers, k.outcomes_topic, idle=2.0,
+                                        isolation_level="read_committed"))
+    by_id = {r.key.decode(): orjson.loads(r.value) for r in published}
+    assert len(published) == len(by_id) == len(decisions) == live["decisions"]
+    events = asyncio.run(consume_all(k.bootstrap_servers, k.events_topic, idle=2.0))
+    closings = recompute_outcomes(events, decisions, Rules(window_ms=2 * DAY))
+    expected: Counter[tuple[str, str, str, str]] = Counter()
+    for decision in decisions:
+        closing = closings[outcomes.ref(decision["decision_id"])]
+        outcome = by_id[decision["decision_id"]]
+        assert (outcome["closed_by"], outcome["converted"]) == (
+            closing.closed_by, closing.conversion is not None), decision
+        if closing.closed_by != "eviction":
+            campaign = ((decision["coupon"] or {}).get("coupon_id")
+                        or (decision["push"] or {}).get("template") or "none")
+            expected[(campaign, decision["action"], decision["arm"],
+                      "true" if closing.conversion is not None else "false")] += 1
+    counted = {(labels["campaign"], labels["action"], labels["arm"], labels["converted"]): v
+               for (name, pairs), v in scrape(port).items()
+               if name == "promo_outcomes_total" and (labels := dict(pairs))}
+    assert {key: v for key, v in counted.items() if v} == dict(expected)
