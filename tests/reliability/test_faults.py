@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -24,6 +25,7 @@ from encoder.data import load_dataset
 from stream.config import Settings
 from stream.contracts import Coupon, Event, Reason
 from stream.replay import to_events
+from stream.shop import clock_events
 from stream.topics import ensure_topics
 from tests.reliability.harness import (
     BackgroundReplay,
@@ -72,14 +74,17 @@ def kill(proc: PromoProcess) -> None:
     proc.stop()
 
 
-@pytest.mark.slow(seconds=150)
+@pytest.mark.slow(seconds=270)
 def test_repeated_sigkill_loses_and_doubles_nothing_under_exactly_once(
         settings: Settings, tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     settings = with_guarantee(settings, "exactly_once")
+    # One-minute windows, so that every decision's outcome is due by the end.
+    settings = dataclasses.replace(settings, attribution=dataclasses.replace(
+        settings.attribution, window_seconds=60.0, grace_seconds=0.0))
     asyncio.run(ensure_topics(settings.kafka))
     send_coupons(settings, COUPONS)
     events = live_events(6000 * SCALE, "kill")
-    kills = 6 * SCALE  # each restart waits out the dead member's session: ~25 s a kill
+    kills = 10 * SCALE  # each restart rebuilds state from the changelogs: ~20 s a kill
     rng = random.Random(7)
     replay = BackgroundReplay(settings, events, rate=len(events) / (7.0 * kills))
     proc, _ = start_worker(settings, checkpoints["v1"], tmp_path / "worker-0.log")
@@ -92,14 +97,29 @@ def test_repeated_sigkill_loses_and_doubles_nothing_under_exactly_once(
     try:
         wait_until(lambda: committed_everything(settings), timeout=240,
                    what="the last worker to commit every event")
-        by_user = events_in_log_order(settings, len(events))
+        # Event time past every window, on every partition: each decision's outcome is due.
+        closing = max(e.ts for e in events) + 120_000
+        clocks = clock_events(settings.kafka.partitions, closing, "kill")
+        send_events(settings, clocks)
+        wait_until(lambda: committed_everything(settings), timeout=120,
+                   what="the clock events to be committed")
+        by_user = events_in_log_order(settings, len(events) + len(clocks))
         wrong = state_mismatches(settings, by_user, isolation_level="read_committed")
         decisions = read_decisions(settings, isolation_level="read_committed")
         distinct, doubled = decision_counts(decisions)
         spent_over = overspend(decisions, COUPONS)
+        results = asyncio.run(consume_all(
+            settings.kafka.bootstrap_servers, settings.kafka.outcomes_topic, idle=2.0,
+            isolation_level="read_committed"))
+        per_decision = Counter(r.key.decode() for r in results)
         report("worker SIGKILL mid-stream (exactly-once)", injected=kills, events=len(events),
-               lost=len(wrong), duplicated=doubled, overspend=spent_over, decisions=distinct)
+               lost=len(wrong), duplicated=doubled, overspend=spent_over, decisions=distinct,
+               outcomes=len(results),
+               outcomes_missing=len({d["decision_id"] for d in decisions} - set(per_decision)),
+               outcomes_duplicated=sum(n - 1 for n in per_decision.values()))
         assert wrong == [], f"state differs from the offline recomputation for {wrong[:5]}"
+        assert set(per_decision) == {d["decision_id"] for d in decisions}, "an outcome lost"
+        assert max(per_decision.values()) == 1, "an outcome published twice"
         twice = [d for d in decisions
                  if sum(o["decision_id"] == d["decision_id"] for o in decisions) > 1]
         assert doubled == 0, f"decisions delivered twice: {twice}"
