@@ -9,12 +9,15 @@
 (c) promo-stream's worker: validate -> state (RocksDB + changelog) -> one batched encoder call
     -> decide -> publish, at-least-once;
 (d) two such workers in one consumer group on the same topic (partitions >= 2), on fresh
-    topics pre-filled with the same events: the scale-out ratio d/c on this machine.
+    topics pre-filled with the same events: the scale-out ratio d/c on this machine;
+(e) one worker with attribution off (``attribution.enabled = false``: no windows, no
+    outcomes), on fresh topics with the same events: what attribution costs, c/e.
 
 All three read the same pre-filled `events` topic (real Instacart events) from the beginning; a
 run's rate is events / (time of the last event processed - time of the first). Writes
 bench/results/pipeline_throughput.{json,png}, merges the ratios and the mean state record size
-into bench/results/summary.json, and prints ``c/b``, ``c/a`` and ``d/c`` as its last line.
+into bench/results/summary.json, and prints ``c/b``, ``c/a``, ``d/c`` and ``c/e`` as its last
+line.
 ``--quick`` writes pipeline_throughput_quick.* and touches summary.json only with ``--summary``.
 ``--profile`` also writes a pyinstrument profile of the worker to pipeline_profile.txt.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -126,6 +130,12 @@ def main() -> None:
         two = on_topics(settings, "two")
         prefill(two, rows, "two")
         pair, _ = drain_rate(two, len(rows), workdir / "d", checkpoint, workers=2)
+        print("(e) promo-stream worker, attribution off...", file=sys.stderr)
+        bare = on_topics(settings, "bare")
+        bare = dataclasses.replace(bare, attribution=dataclasses.replace(
+            bare.attribution, enabled=False))
+        prefill(bare, rows, "bare")
+        unattributed, _ = drain_rate(bare, len(rows), workdir / "e", checkpoint)
     result = {
         "benchmark": "pipeline_throughput", "machine": stream_facts(),
         "config": {"events": len(rows), "naive_events": args.naive_events,
@@ -134,10 +144,12 @@ def main() -> None:
                    "batch_max_seconds": settings.worker.batch_max_seconds,
                    "guarantee": settings.worker.processing_guarantee},
         "events_per_second": {"raw_aiokafka": raw, "naive_faust": naive, "promo": promo,
-                              "promo_two_workers": pair},
+                              "promo_two_workers": pair,
+                              "promo_attribution_off": unattributed},
         "worker_histograms": stats,
         "ratios": {"promo_over_naive": promo / naive, "promo_over_raw": promo / raw,
-                   "two_workers_over_one": pair / promo},
+                   "two_workers_over_one": pair / promo,
+                   "attribution_on_over_off": promo / unattributed},
     }
     write_json(out.with_suffix(".json"), result)
     plot(result, out.with_suffix(".png"))
@@ -147,11 +159,12 @@ def main() -> None:
         merge_summary(summary, pipeline_vs_naive_faust=round(promo / naive, 2),
                       pipeline_vs_raw_aiokafka=round(promo / raw, 4),
                       state_bytes_per_user=round(state_bytes) or None,
-                      two_workers_over_one=round(pair / promo, 2))
+                      two_workers_over_one=round(pair / promo, 2),
+                      attribution_throughput_ratio=round(promo / unattributed, 2))
     print(f"events/s: raw aiokafka {raw:,.0f}, naive faust {naive:,.0f}, promo {promo:,.0f}, "
-          f"two promo workers {pair:,.0f}")
+          f"two promo workers {pair:,.0f}, attribution off {unattributed:,.0f}")
     print(f"c/b = {promo / naive:.1f}x (goal >= 10x); c/a = {promo / raw:.1%} (goal >= 5%); "
-          f"d/c = {pair / promo:.2f}x")
+          f"d/c = {pair / promo:.2f}x; c/e = {promo / unattributed:.2f}x (goal >= 0.85)")
 
 
 def plot(result: dict, path: Path) -> None:  # type: ignore[type-arg]
@@ -162,11 +175,11 @@ def plot(result: dict, path: Path) -> None:  # type: ignore[type-arg]
 
     rates = result["events_per_second"]
     labels = ["(a) raw aiokafka\n+ orjson", "(b) naive faust\nagent", "(c) promo-stream\nworker",
-              "(d) two promo\nworkers"]
+              "(d) two promo\nworkers", "(e) attribution\noff"]
     values = [rates["raw_aiokafka"], rates["naive_faust"], rates["promo"],
-              rates["promo_two_workers"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar(labels, values, color=["#999999", "#cc6666", "#3366cc", "#6699dd"])
+              rates["promo_two_workers"], rates["promo_attribution_off"]]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars = ax.bar(labels, values, color=["#999999", "#cc6666", "#3366cc", "#6699dd", "#99bbee"])
     ax.set_yscale("log")
     ax.set_ylabel("events per second (log scale)")
     ax.set_title(f"Throughput, same broker and events ({result['machine']['cores']} cores)")

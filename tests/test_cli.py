@@ -34,7 +34,7 @@ def test_every_subcommand_has_help(path: tuple[str, ...]) -> None:
 def test_the_expected_commands_exist() -> None:
     names = {" ".join(p) for p in all_commands(main)}
     assert {"broker start", "broker stop", "broker status", "replay", "worker", "demo", "train",
-            "evaluate", "config"} <= names
+            "evaluate", "config", "report", "report uplift", "shop-sim"} <= names
 
 
 def test_config_prints_effective_settings() -> None:
@@ -65,3 +65,23 @@ def test_every_command_finds_named_datasets_where_the_settings_say(
                                 env={"PROMO_REPLAY_DATASETS_DIR": str(where)})
     assert result.exit_code != 0
     assert str(where) in result.output, result.output
+
+
+def test_shop_sim_offline_rehearses_a_campaign_file_with_no_broker(tmp_path: Path) -> None:
+    campaigns = tmp_path / "campaigns.json"
+    campaigns.write_text('[{"coupon_id": "five-off", "value": 5, "budget": 100000}]')
+    out = tmp_path / "truth.json"
+    result = CliRunner().invoke(main, [
+        "shop-sim", "--offline", "--users", "150", "--days", "4", "--coupons", str(campaigns),
+        "--coupon-uplift", "0.9", "--out", str(out), "--no-progress"],
+        env={"PROMO_POLICY_COUPON_MIN_INTERVAL_SECONDS": "0",
+             "PROMO_POLICY_COUPON_DAILY_CAP": "1000", "PROMO_POLICY_QUIET_END_HOUR": "0",
+             "PROMO_POLICY_QUIET_START_HOUR": "0"})
+    assert result.exit_code == 0, result.output
+    import json
+
+    truth = json.loads(out.read_text())
+    assert "live" not in truth and truth["coupons"] == ["five-off"]
+    row = truth["truth"]["campaigns"]["five-off"]
+    assert row["treatment"]["decisions"] > 0 and row["true_lift"] > 0
+    assert "five-off" in result.output and "true lift" in result.output

@@ -11,8 +11,8 @@ from tests.support import run_bench
 
 
 @pytest.mark.kafka
-@pytest.mark.slow(seconds=50)
-def test_quick_mode_measures_all_four_and_merges_its_keys(
+@pytest.mark.slow(seconds=65)
+def test_quick_mode_measures_all_five_and_merges_its_keys(
         tmp_path: Path, checkpoints: dict[str, Path], bootstrap: str) -> None:
     last_line, merged = run_bench("pipeline_throughput.py", tmp_path,
                                   "--checkpoint", str(checkpoints["v1"]),
@@ -20,10 +20,10 @@ def test_quick_mode_measures_all_four_and_merges_its_keys(
     assert last_line.startswith("c/b = ")
     assert merged["pipeline_vs_naive_faust"] > 0 and merged["pipeline_vs_raw_aiokafka"] > 0
     assert 0 < merged["state_bytes_per_user"] <= 1024
-    assert merged["two_workers_over_one"] > 0
+    assert merged["two_workers_over_one"] > 0 and merged["attribution_throughput_ratio"] > 0
     result = json.loads((tmp_path / "pipeline_throughput_quick.json").read_text())
     assert result["machine"]["kafka"] and result["machine"]["cores"] >= 1
     assert result["config"]["events"] == 10_000  # --quick: large enough to time
     assert set(result["events_per_second"]) == {"raw_aiokafka", "naive_faust", "promo",
-                                                "promo_two_workers"}
+                                                "promo_two_workers", "promo_attribution_off"}
     assert (tmp_path / "pipeline_throughput_quick.png").read_bytes()[:4] == b"\x89PNG"
