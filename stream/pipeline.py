@@ -252,6 +252,7 @@ class _Pass:
         default_factory=lambda: defaultdict(dict))  # None: the outcome is out
     tallies: dict[int, dict[outcomes.Group, outcomes.Tally]] = field(
         default_factory=lambda: defaultdict(dict))
+    due_windows: list[tuple[int, tuple[int, str]]] = field(default_factory=list)  # index entries
 
 
 class Pipeline:
@@ -423,10 +424,11 @@ class Pipeline:
         if self.attribution is None:
             return
         for partition, mark in done.watermarks.items():
-            for _, user_id in self._deadline_index(partition).irange(
+            for entry in self._deadline_index(partition).irange(
                     maximum=(mark - 1, "\U0010ffff")):
-                if user_id not in done.users:
-                    done.users[user_id] = _User(partition)
+                done.due_windows.append((partition, entry))
+                if entry[1] not in done.users:
+                    done.users[entry[1]] = _User(partition)
 
     def _deadline_index(self, partition: int) -> SortedList:
         index = self._deadlines.get(partition)
@@ -788,6 +790,8 @@ class Pipeline:
         rules = self.attribution
         if rules is None:
             return
+        for partition, entry in done.due_windows:  # due: closed now, or never in the state
+            self._deadline_index(partition).discard(entry)
         for user_id, user in done.users.items():
             if user.state is None or (not user.windows_before and not user.state.pending):
                 continue
