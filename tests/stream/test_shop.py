@@ -130,9 +130,19 @@ def test_a_long_randomized_run_recovers_the_ground_truth(
     trial = shop.rehearse(dataclasses.replace(setup, users=3000, seed=7), 50.0)
     for campaign in ("all", "five-off"):
         estimate = uplift.lift(trial.tallies[campaign])
+        shown(f"in-process {campaign}", truth[campaign]["true_lift"], estimate)
         assert estimate.lift_interval.covers(truth[campaign]["true_lift"]), (
             campaign, estimate.lift_interval, truth[campaign])
         assert estimate.verdict == "better"
+
+
+def shown(run: str, true_lift: float, estimate: uplift.Lift) -> None:
+    """One line per comparison (pytest -s shows them; docs/outcomes.md quotes them)."""
+    print("SHOP-SIM " + json.dumps({
+        "run": run, "true_lift": round(true_lift, 4), "estimate": round(estimate.lift, 4),
+        "interval": [round(estimate.lift_interval.low, 4),
+                     round(estimate.lift_interval.high, 4)],
+        "decisions": [estimate.treatment.decisions, estimate.holdout.decisions]}), flush=True)
 
 
 # --- live: the real broker, a real worker, `promo shop-sim` and `promo report uplift` ---------
@@ -203,6 +213,12 @@ def test_live_shop_sim_report_and_counters_agree_with_the_truth_and_the_topics(
                                     row["holdout"]["decisions"]) < 30:
             continue
         interval = row["lift_interval"]
+        print("SHOP-SIM " + json.dumps({
+            "run": f"live {campaign}", "true_lift": round(true_lift, 4),
+            "estimate": round(row["lift"], 4),
+            "interval": [round(interval["low"], 4), round(interval["high"], 4)],
+            "decisions": [row["treatment"]["decisions"], row["holdout"]["decisions"]]}),
+            flush=True)
         assert interval["low"] <= true_lift <= interval["high"], (campaign, row, truth[campaign])
         checked += 1
     assert "all" in rows and checked >= 2
