@@ -36,7 +36,8 @@ class Prometheus:
         if self.rules_for:
             for group in rules["groups"]:
                 for rule in group["rules"]:
-                    rule["for"] = self.rules_for
+                    if "alert" in rule:  # a recording rule has no `for:`
+                        rule["for"] = self.rules_for
         (self.workdir / "rules").mkdir(exist_ok=True)
         (self.workdir / "rules" / "promo.yml").write_text(yaml.safe_dump(rules))
         conf = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
