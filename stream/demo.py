@@ -200,6 +200,20 @@ def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced:
     echo("  decisions by action / arm:")
     for key, n in sorted(metrics["promo_decisions_published_total"].items()):
         echo(f"            {int(n):>8,}  {key}")
+    closed: Counter[tuple[str, str]] = Counter()
+    for key, n in metrics.get("promo_outcomes_total", {}).items():
+        _, _, arm, converted = key.split("/")
+        closed[(arm, converted)] += int(n)
+    evicted = int(sum(metrics.get("promo_outcomes_evicted_total", {}).values()))
+    still = int(sum(metrics.get("promo_outcomes_windows_open", {}).values()))
+    echo(f"  outcomes ({settings.attribution.window_seconds / 86_400:g}-day attribution "
+         "windows; `promo report uplift` shows the lift):")
+    for arm in ("treatment", "holdout"):
+        total = closed[(arm, "true")] + closed[(arm, "false")]
+        echo(f"            {total:>8,}  {arm} decisions closed, {closed[(arm, 'true')]:,} "
+             "converted by a later purchase")
+    echo(f"            {evicted:>8,}  evicted (a user with too many open windows)")
+    echo(f"            {still:>8,}  windows still open")
     decisions = asyncio.run(_read(settings, settings.kafka.decisions_topic))
     spent: Counter[str] = Counter()
     for d in decisions:

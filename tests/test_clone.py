@@ -33,5 +33,6 @@ def test_the_demo_runs_from_a_clone_with_nothing_beside_it(tmp_path: Path) -> No
                           check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "decisions by action / arm" in done.stdout
+    assert "treatment decisions closed" in done.stdout and "windows still open" in done.stdout
     assert "consumed" in done.stdout and "rejected" in done.stdout
     assert "Traceback" not in done.stderr
