@@ -74,13 +74,14 @@ def demo_preferences(rows: list[Interaction]) -> dict[str, Preferences]:
 
 
 def _scrape(url: str) -> dict[str, dict[str, float]]:
-    """{sample name: {label values joined by '/': value}}."""
+    """{sample name: {label values, in the order of their sorted names, joined by '/': value}}."""
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out.setdefault(s.name, {})["/".join(s.labels.values())] = s.value
+            out.setdefault(s.name, {})["/".join(v for _, v in sorted(s.labels.items()))] = \
+                s.value
     return out
 
 
@@ -202,7 +203,7 @@ def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced:
         echo(f"            {int(n):>8,}  {key}")
     closed: Counter[tuple[str, str]] = Counter()
     for key, n in metrics.get("promo_outcomes_total", {}).items():
-        _, _, arm, converted = key.split("/")
+        _, arm, _, converted = key.split("/")  # action/arm/campaign/converted
         closed[(arm, converted)] += int(n)
     evicted = int(sum(metrics.get("promo_outcomes_evicted_total", {}).values()))
     still = int(sum(metrics.get("promo_outcomes_windows_open", {}).values()))

@@ -4,6 +4,7 @@ and with no datasets directory configured; its data comes with the project's ins
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def test_the_demo_runs_from_a_clone_with_nothing_beside_it(tmp_path: Path) -> No
                           check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "decisions by action / arm" in done.stdout
-    assert "treatment decisions closed" in done.stdout and "windows still open" in done.stdout
+    closed = re.search(r"([\d,]+)  treatment decisions closed, ([\d,]+) converted", done.stdout)
+    assert closed and int(closed[1].replace(",", "")) > 0, done.stdout[-3000:]
+    assert "windows still open" in done.stdout
     assert "consumed" in done.stdout and "rejected" in done.stdout
     assert "Traceback" not in done.stderr
