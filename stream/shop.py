@@ -158,6 +158,7 @@ class Shop:
         self._events = itertools.count()
         self.users: list[SimUser] = []
         self.by_id: dict[str, int] = {}
+        self.last_ts = start_ms  # the latest event time produced (a session runs past its start)
         for k in range(users):
             orders = self.rng.choice(templates)
             user = SimUser(f"{id_prefix}{k}", orders, self._segment(f"{id_prefix}{k}", orders))
@@ -189,7 +190,19 @@ class Shop:
             self._push(after_ms + int(wait), "browse", k)
 
     def until(self, now_ms: int) -> list[Event]:
-        """Every event of happenings due by ``now_ms``, in time order per user."""
+        """Every event of happenings due by ``now_ms``, in time order per user (a session
+        that starts by then is produced whole, so its last events may be a few minutes
+        later)."""
+        events: list[Event] = self._due(now_ms)
+        if events:
+            self.last_ts = max(self.last_ts, max(e.ts for e in events))
+        return events
+
+    def closing_time(self, rules: Rules) -> int:
+        """An event time past every window a decision on the events so far can open."""
+        return self.last_ts + rules.window_ms + rules.grace_ms + MINUTE_MS
+
+    def _due(self, now_ms: int) -> list[Event]:
         events: list[Event] = []
         while self._queue and self._queue[0][0] <= now_ms:
             at, _, kind, k = heapq.heappop(self._queue)
@@ -354,7 +367,7 @@ def rehearse(setup: Setup, holdout_percent: float, step_ms: int = HOUR_MS,
             feed(batch, now)
         if progress is not None:
             progress(now)
-    closing = end + rules.window_ms + rules.grace_ms + MINUTE_MS
+    closing = shop.closing_time(rules)
     feed(clock_events(setup.partitions, closing, "twin"), closing)
     return Rehearsal(dict(tallies), decisions, events, shop.stats)
 
@@ -475,8 +488,7 @@ async def run_live(settings: Settings, shop: Shop, *, start_ms: int, days: float
                 progress(now)
             if now >= end:
                 break
-        closing = end + rules.window_ms + rules.grace_ms + MINUTE_MS
-        await send(clock_events(kafka.partitions, closing, "live"))
+        await send(clock_events(kafka.partitions, shop.closing_time(rules), "live"))
         deadline = loop.time() + wait_seconds
         while loop.time() < deadline:
             await receive(500)

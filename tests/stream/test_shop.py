@@ -67,6 +67,16 @@ def test_events_are_valid_time_ordered_and_seeded(templates: list[list[shop.Orde
     assert all(e.value and e.value > 0 for e in events if e.type == "purchase")
 
 
+def test_the_closing_time_is_past_every_window_a_produced_event_can_open(
+        templates: list[list[shop.Order]]) -> None:
+    s = shop.Shop(templates, users=1000, start_ms=START, seed=3)  # a session ends late
+    end = START + 5 * DAY
+    last = max(e.ts for e in s.until(end))
+    assert last > end  # a session that starts by the end runs a few minutes past it
+    rules = Rules(window_ms=2 * DAY, grace_ms=300_000)
+    assert s.closing_time(rules) > last + rules.window_ms + rules.grace_ms
+
+
 def _persuadable(templates: list[list[shop.Order]], effects: shop.Effects,
                  segment: str = "persuadable") -> tuple[shop.Shop, str]:
     s = shop.Shop(templates, users=300, start_ms=START, effects=effects, seed=1)
