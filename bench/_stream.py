@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import subprocess
 import sys
 import time
@@ -156,18 +157,35 @@ def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
     return WorkerProcess(proc, port, log)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def processing_rate(workers: Sequence[WorkerProcess], n: int, timeout: float = 1800) -> float:
     """Events per second the workers take to account for ``n`` records, from the first record
     processed to the last (polling their metrics)."""
+    return processing_rate_and_cpu(workers, n, timeout)[0]
+
+
+def processing_rate_and_cpu(workers: Sequence[WorkerProcess], n: int,
+                            timeout: float = 1800) -> tuple[float, float]:
+    """:func:`processing_rate`, and the CPU seconds the worker processes used over the same
+    span (their own CPU time: what the broker and the producer use on the same cores does not
+    count, so this figure does not depend on sharing them)."""
     first = last = None
+    cpu_first = cpu_last = 0.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = sum(accounted(w.port) for w in workers)
         now = time.perf_counter()
         if done > 0 and first is None:
             first = now
+            cpu_first = sum(process_cpu_seconds(w.proc.pid) for w in workers)
         if done >= n:
             last = now
+            cpu_last = sum(process_cpu_seconds(w.proc.pid) for w in workers)
             break
         for w in workers:
             if w.proc.poll() is not None:
@@ -178,19 +196,21 @@ def processing_rate(workers: Sequence[WorkerProcess], n: int, timeout: float = 1
     if last - first < 0.25:
         raise RuntimeError(f"{n} events took {last - first:.2f} s: too few to time against "
                            f"the 50 ms metrics snapshot; replay more")
-    return n / (last - first)
+    return n / (last - first), cpu_last - cpu_first
 
 
 def drain_rate(settings: Settings, n: int, workdir: Path, checkpoint: Path, workers: int = 1,
                profile: Path | None = None) -> tuple[float, dict[str, float]]:
     """Start ``workers`` workers on a pre-filled topic of ``n`` events; events per second from
-    the first record processed to the last, and the first worker's metrics at the end."""
+    the first record processed to the last, and the first worker's metrics at the end (with
+    ``worker_cpu_seconds``: the workers' CPU time over that span)."""
     started = [start_worker(settings, workdir, checkpoint, f"worker-{i}",
                             profile if i == 0 else None) for i in range(workers)]
     try:
-        rate = processing_rate(started, n)
+        rate, cpu = processing_rate_and_cpu(started, n)
         stats = {name: value for name, value in scrape(started[0].port).items()
                  if name.endswith(("_sum", "_count"))}
+        stats["worker_cpu_seconds"] = cpu
         return rate, stats
     finally:
         for w in started:

@@ -13,6 +13,11 @@
 (e) one worker with attribution off (``attribution.enabled = false``: no windows, no
     outcomes), on fresh topics with the same events: what attribution costs, c/e.
 
+Besides events/s, each of (b), (c) and (e) reports its own process's CPU seconds per 100k events
+over the same span: the broker and the producer share the two cores, and this figure does not
+depend on how much of them they took. ``worker_cpu_vs_naive_cpu`` is (c)'s CPU per event over
+(b)'s.
+
 All three read the same pre-filled `events` topic (real Instacart events) from the beginning; a
 run's rate is events / (time of the last event processed - time of the first). Writes
 bench/results/pipeline_throughput.{json,png}, merges the ratios and the mean state record size
@@ -79,7 +84,8 @@ async def raw_aiokafka(settings: Settings, n: int) -> float:
         await consumer.stop()
 
 
-def naive_faust(settings: Settings, n: int, workdir: Path) -> float:
+def naive_faust(settings: Settings, n: int, workdir: Path) -> tuple[float, float]:
+    """(events per second, the agent process's CPU seconds) over its ``n`` events."""
     env = {**os.environ, "NAIVE_BOOTSTRAP": settings.kafka.bootstrap_servers,
            "NAIVE_TOPIC": settings.kafka.events_topic, "NAIVE_EVENTS": str(n),
            "NAIVE_DATADIR": str(workdir / "naive"),
@@ -93,7 +99,7 @@ def naive_faust(settings: Settings, n: int, workdir: Path) -> float:
     if not found:
         raise RuntimeError(f"naive faust run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
     result = json.loads(found[-1])
-    return float(result["events"] / result["seconds"])
+    return float(result["events"] / result["seconds"]), float(result["cpu_seconds"])
 
 
 def main() -> None:
@@ -122,7 +128,7 @@ def main() -> None:
         print("(a) raw aiokafka getmany + orjson...", file=sys.stderr)
         raw = asyncio.run(raw_aiokafka(settings, len(rows)))
         print("(b) naive per-event faust agent...", file=sys.stderr)
-        naive = naive_faust(settings, args.naive_events, workdir)
+        naive, naive_cpu = naive_faust(settings, args.naive_events, workdir)
         print("(c) promo-stream worker...", file=sys.stderr)
         promo, stats = drain_rate(settings, len(rows), workdir / "c", checkpoint,
                                   profile=profile)
@@ -135,7 +141,11 @@ def main() -> None:
         bare = dataclasses.replace(bare, attribution=dataclasses.replace(
             bare.attribution, enabled=False))
         prefill(bare, rows, "bare")
-        unattributed, _ = drain_rate(bare, len(rows), workdir / "e", checkpoint)
+        unattributed, bare_stats = drain_rate(bare, len(rows), workdir / "e", checkpoint)
+    per_100k = {"naive_faust": naive_cpu / args.naive_events * 1e5,
+                "promo": stats["worker_cpu_seconds"] / len(rows) * 1e5,
+                "promo_attribution_off": bare_stats["worker_cpu_seconds"] / len(rows) * 1e5}
+    cpu_ratio = per_100k["promo"] / per_100k["naive_faust"]
     result = {
         "benchmark": "pipeline_throughput", "machine": stream_facts(),
         "config": {"events": len(rows), "naive_events": args.naive_events,
@@ -146,10 +156,12 @@ def main() -> None:
         "events_per_second": {"raw_aiokafka": raw, "naive_faust": naive, "promo": promo,
                               "promo_two_workers": pair,
                               "promo_attribution_off": unattributed},
+        "worker_cpu_seconds_per_100k_events": per_100k,
         "worker_histograms": stats,
         "ratios": {"promo_over_naive": promo / naive, "promo_over_raw": promo / raw,
                    "two_workers_over_one": pair / promo,
-                   "attribution_on_over_off": promo / unattributed},
+                   "attribution_on_over_off": promo / unattributed,
+                   "worker_cpu_vs_naive_cpu": cpu_ratio},
     }
     write_json(out.with_suffix(".json"), result)
     plot(result, out.with_suffix(".png"))
@@ -160,9 +172,13 @@ def main() -> None:
                       pipeline_vs_raw_aiokafka=round(promo / raw, 4),
                       state_bytes_per_user=round(state_bytes) or None,
                       two_workers_over_one=round(pair / promo, 2),
-                      attribution_throughput_ratio=round(promo / unattributed, 2))
+                      attribution_throughput_ratio=round(promo / unattributed, 2),
+                      worker_cpu_vs_naive_cpu=round(cpu_ratio, 3))
     print(f"events/s: raw aiokafka {raw:,.0f}, naive faust {naive:,.0f}, promo {promo:,.0f}, "
           f"two promo workers {pair:,.0f}, attribution off {unattributed:,.0f}")
+    print("worker CPU seconds per 100k events: "
+          + ", ".join(f"{name} {value:,.1f}" for name, value in per_100k.items())
+          + f"; promo / naive = {cpu_ratio:.3f} (goal <= 0.1)")
     print(f"c/b = {promo / naive:.1f}x (goal >= 10x); c/a = {promo / raw:.1%} (goal >= 5%); "
           f"d/c = {pair / promo:.2f}x; c/e = {promo / unattributed:.2f}x (goal >= 0.85)")
 

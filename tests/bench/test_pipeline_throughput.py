@@ -21,9 +21,13 @@ def test_quick_mode_measures_all_five_and_merges_its_keys(
     assert merged["pipeline_vs_naive_faust"] > 0 and merged["pipeline_vs_raw_aiokafka"] > 0
     assert 0 < merged["state_bytes_per_user"] <= 1024
     assert merged["two_workers_over_one"] > 0 and merged["attribution_throughput_ratio"] > 0
+    assert merged["worker_cpu_vs_naive_cpu"] > 0
     result = json.loads((tmp_path / "pipeline_throughput_quick.json").read_text())
     assert result["machine"]["kafka"] and result["machine"]["cores"] >= 1
     assert result["config"]["events"] == 10_000  # --quick: large enough to time
     assert set(result["events_per_second"]) == {"raw_aiokafka", "naive_faust", "promo",
                                                 "promo_two_workers", "promo_attribution_off"}
+    cpu = result["worker_cpu_seconds_per_100k_events"]
+    assert set(cpu) == {"naive_faust", "promo", "promo_attribution_off"}
+    assert all(seconds > 0 for seconds in cpu.values())  # every process did measurable work
     assert (tmp_path / "pipeline_throughput_quick.png").read_bytes()[:4] == b"\x89PNG"
