@@ -137,9 +137,19 @@ class WorkerProcess:
             self.proc.wait(30)
 
 
+def pin(pid: int, cores: set[int]) -> None:
+    """Keep every thread of process ``pid`` on ``cores`` (threads it starts later inherit)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except ProcessLookupError:
+            continue  # a thread that ended meanwhile
+
+
 def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
-                 profile: Path | None = None) -> WorkerProcess:
-    """`promo worker` in the background, with its own state directory and metrics port."""
+                 profile: Path | None = None, cores: set[int] | None = None) -> WorkerProcess:
+    """`promo worker` in the background, with its own state directory and metrics port
+    (on ``cores`` only, if given: its exporter child inherits them)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = launcher.free_port()
     env = as_environment(settings) | {
@@ -153,7 +163,9 @@ def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
                "worker"]
     log = workdir / f"{name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=None if cores is None
+                                else lambda: os.sched_setaffinity(0, cores))
     return WorkerProcess(proc, port, log)
 
 
@@ -200,12 +212,13 @@ def processing_rate_and_cpu(workers: Sequence[WorkerProcess], n: int,
 
 
 def drain_rate(settings: Settings, n: int, workdir: Path, checkpoint: Path, workers: int = 1,
-               profile: Path | None = None) -> tuple[float, dict[str, float]]:
+               profile: Path | None = None,
+               cores: set[int] | None = None) -> tuple[float, dict[str, float]]:
     """Start ``workers`` workers on a pre-filled topic of ``n`` events; events per second from
     the first record processed to the last, and the first worker's metrics at the end (with
     ``worker_cpu_seconds``: the workers' CPU time over that span)."""
     started = [start_worker(settings, workdir, checkpoint, f"worker-{i}",
-                            profile if i == 0 else None) for i in range(workers)]
+                            profile if i == 0 else None, cores) for i in range(workers)]
     try:
         rate, cpu = processing_rate_and_cpu(started, n)
         stats = {name: value for name, value in scrape(started[0].port).items()

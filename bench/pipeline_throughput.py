@@ -16,7 +16,10 @@
 Besides events/s, each of (b), (c) and (e) reports its own process's CPU seconds per 100k events
 over the same span: the broker and the producer share the two cores, and this figure does not
 depend on how much of them they took. ``worker_cpu_vs_naive_cpu`` is (c)'s CPU per event over
-(b)'s.
+(b)'s. Then (b) and (c) run again on fresh topics **pinned**: the broker (when this script
+started it) and this process (the producer) on one core, the measured process on another, so
+that neither takes the other's core; ``pinned`` reports their rates and ratio beside the
+unpinned ones.
 
 All three read the same pre-filled `events` topic (real Instacart events) from the beginning; a
 run's rate is events / (time of the last event processed - time of the first). Writes
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import _common  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads)
 import orjson
@@ -48,6 +52,7 @@ from _stream import (
     add_worker_options,
     broker,
     drain_rate,
+    pin,
     prefill,
     quick_checkpoint,
     real_events,
@@ -56,6 +61,7 @@ from _stream import (
 from _stream import with_topics as on_topics
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from deploy.kafka import launcher
 from stream.config import Settings
 
 
@@ -84,8 +90,10 @@ async def raw_aiokafka(settings: Settings, n: int) -> float:
         await consumer.stop()
 
 
-def naive_faust(settings: Settings, n: int, workdir: Path) -> tuple[float, float]:
-    """(events per second, the agent process's CPU seconds) over its ``n`` events."""
+def naive_faust(settings: Settings, n: int, workdir: Path,
+                cores: set[int] | None = None) -> tuple[float, float]:
+    """(events per second, the agent process's CPU seconds) over its ``n`` events (on
+    ``cores`` only, if given)."""
     env = {**os.environ, "NAIVE_BOOTSTRAP": settings.kafka.bootstrap_servers,
            "NAIVE_TOPIC": settings.kafka.events_topic, "NAIVE_EVENTS": str(n),
            "NAIVE_DATADIR": str(workdir / "naive"),
@@ -93,7 +101,9 @@ def naive_faust(settings: Settings, n: int, workdir: Path) -> tuple[float, float
            "NAIVE_PARTITIONS": str(settings.kafka.partitions),
            "NAIVE_OUT": f"{settings.kafka.events_topic}-naive-out"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "naive_faust.py")], env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
+                          capture_output=True, text=True, timeout=1800, check=False,
+                          preexec_fn=None if cores is None
+                          else lambda: os.sched_setaffinity(0, cores))
     # faust redirects stdout into its log, so the result line may carry a log prefix.
     found = re.findall(r'\{"events":.*?\}', done.stdout + done.stderr)
     if not found:
@@ -142,6 +152,9 @@ def main() -> None:
             bare.attribution, enabled=False))
         prefill(bare, rows, "bare")
         unattributed, bare_stats = drain_rate(bare, len(rows), workdir / "e", checkpoint)
+        pinned = pinned_pair(on_topics(settings, "pinned"), rows, args.naive_events, workdir,
+                             checkpoint, broker_pids=[] if args.bootstrap_servers else
+                             _broker_pids(Path(tmp) / "broker"))
     per_100k = {"naive_faust": naive_cpu / args.naive_events * 1e5,
                 "promo": stats["worker_cpu_seconds"] / len(rows) * 1e5,
                 "promo_attribution_off": bare_stats["worker_cpu_seconds"] / len(rows) * 1e5}
@@ -157,6 +170,7 @@ def main() -> None:
                               "promo_two_workers": pair,
                               "promo_attribution_off": unattributed},
         "worker_cpu_seconds_per_100k_events": per_100k,
+        "pinned": pinned,
         "worker_histograms": stats,
         "ratios": {"promo_over_naive": promo / naive, "promo_over_raw": promo / raw,
                    "two_workers_over_one": pair / promo,
@@ -179,8 +193,47 @@ def main() -> None:
     print("worker CPU seconds per 100k events: "
           + ", ".join(f"{name} {value:,.1f}" for name, value in per_100k.items())
           + f"; promo / naive = {cpu_ratio:.3f} (goal <= 0.1)")
+    if pinned is not None:
+        print(f"pinned (broker and producer on core {pinned['producer_core']}, measured process "
+              f"on core {pinned['worker_core']}"
+              + ("" if pinned["broker_pinned"] else "; the broker is not ours: not pinned")
+              + f"): naive {pinned['naive_faust']:,.0f}, promo {pinned['promo']:,.0f} ev/s, "
+              f"c/b = {pinned['promo_over_naive']:.1f}x")
     print(f"c/b = {promo / naive:.1f}x (goal >= 10x); c/a = {promo / raw:.1%} (goal >= 5%); "
           f"d/c = {pair / promo:.2f}x; c/e = {promo / unattributed:.2f}x (goal >= 0.85)")
+
+
+def pinned_pair(settings: Settings, rows: list[Any], naive_events: int, workdir: Path,
+                checkpoint: Path, broker_pids: list[int]) -> dict[str, Any] | None:
+    """(b) and (c) again, the broker and this process on one core and the measured process on
+    another; None on a machine with one core."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    producer, worker = cores[0], cores[1]
+    everything = set(cores)
+    for pid in broker_pids:
+        pin(pid, {producer})
+    os.sched_setaffinity(0, {producer})
+    try:
+        prefill(settings, rows, "pinned")
+        print("(b, pinned) naive per-event faust agent...", file=sys.stderr)
+        (workdir / "pinned").mkdir(exist_ok=True)
+        naive, _ = naive_faust(settings, naive_events, workdir / "pinned", {worker})
+        print("(c, pinned) promo-stream worker...", file=sys.stderr)
+        promo, _ = drain_rate(settings, len(rows), workdir / "f", checkpoint, cores={worker})
+    finally:
+        os.sched_setaffinity(0, everything)
+        for pid in broker_pids:
+            pin(pid, everything)
+    return {"producer_core": producer, "worker_core": worker,
+            "broker_pinned": bool(broker_pids), "naive_faust": naive, "promo": promo,
+            "promo_over_naive": promo / naive}
+
+
+def _broker_pids(data_dir: Path) -> list[int]:
+    cluster = launcher.Cluster.load(data_dir)
+    return list(cluster.pids.values()) if cluster else []
 
 
 def plot(result: dict, path: Path) -> None:  # type: ignore[type-arg]
