@@ -129,15 +129,26 @@ class TableStore:
     def _context(self, partition: int) -> Any:
         return self.app.partition_context(self.events_topic, partition)
 
-    def get_users(self, partition: int, user_ids: Sequence[str]) -> dict[str, bytes]:
+    def _get(self, table: Any, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
+        """The values of ``keys`` that ``table`` holds in ``partition``."""
         with self._context(partition):
-            found = {uid: self.users.get(uid.encode()) for uid in user_ids}
-        return {uid: raw for uid, raw in found.items() if raw is not None}
+            found = {key: table.get(key.encode()) for key in keys}
+        return {key: raw for key, raw in found.items() if raw is not None}
+
+    def _put(self, table: Any, partition: int, records: Mapping[str, bytes | None]) -> None:
+        """Write ``records`` to ``table`` in ``partition``; a None value deletes its key."""
+        with self._context(partition):
+            for key, raw in records.items():
+                if raw is None:
+                    table.pop(key.encode(), None)
+                else:
+                    table[key.encode()] = raw
+
+    def get_users(self, partition: int, user_ids: Sequence[str]) -> dict[str, bytes]:
+        return self._get(self.users, partition, user_ids)
 
     def put_users(self, partition: int, records: Mapping[str, bytes]) -> None:
-        with self._context(partition):
-            for uid, raw in records.items():
-                self.users[uid.encode()] = raw
+        self._put(self.users, partition, records)
 
     def get_budgets(self, partition: int) -> dict[str, bytes]:
         with self._context(partition):
@@ -145,9 +156,7 @@ class TableStore:
                                                                              partition)}
 
     def put_budgets(self, partition: int, records: Mapping[str, bytes]) -> None:
-        with self._context(partition):
-            for coupon_id, raw in records.items():
-                self.budgets[coupon_id.encode()] = raw
+        self._put(self.budgets, partition, records)
 
     def get_preferences(self, partition: int, user_id: str) -> bytes | None:
         with self._context(partition):
@@ -162,12 +171,8 @@ class TableStore:
                 self.preferences[key] = value
 
     def set_open_carts(self, partition: int, carts: Mapping[str, OpenCart | None]) -> None:
-        with self._context(partition):
-            for uid, cart in carts.items():
-                if cart is None:
-                    self.carts.pop(uid.encode(), None)
-                else:
-                    self.carts[uid.encode()] = cart.to_json()
+        self._put(self.carts, partition, {uid: None if cart is None else cart.to_json()
+                                          for uid, cart in carts.items()})
 
     def due_carts(self, before_ms: int) -> list[OpenCart]:
         due = []
@@ -198,17 +203,10 @@ class TableStore:
         await self.app.producer.flush()
 
     def get_pending(self, partition: int, refs: Sequence[str]) -> dict[str, bytes]:
-        with self._context(partition):
-            found = {ref: self.pending.get(ref.encode()) for ref in refs}
-        return {ref: raw for ref, raw in found.items() if raw is not None}
+        return self._get(self.pending, partition, refs)
 
     def put_pending(self, partition: int, records: Mapping[str, bytes | None]) -> None:
-        with self._context(partition):
-            for ref, raw in records.items():
-                if raw is None:
-                    self.pending.pop(ref.encode(), None)
-                else:
-                    self.pending[ref.encode()] = raw
+        self._put(self.pending, partition, records)
 
     def all_pending(self, partition: int) -> list[bytes]:
         return [raw for key, raw in self._partition_items(self.pending, partition)
@@ -224,14 +222,10 @@ class TableStore:
             self.pending[_WATERMARK] = str(watermark).encode()
 
     def get_counts(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
-        with self._context(partition):
-            found = {key: self.counts.get(key.encode()) for key in keys}
-        return {key: raw for key, raw in found.items() if raw is not None}
+        return self._get(self.counts, partition, keys)
 
     def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None:
-        with self._context(partition):
-            for key, raw in records.items():
-                self.counts[key.encode()] = raw
+        self._put(self.counts, partition, records)
 
     def partition_counts(self, partition: int) -> dict[str, bytes]:
         return {key.decode(): raw for key, raw in self._partition_items(self.counts, partition)}

@@ -55,18 +55,33 @@ class MemoryStore:
     watermarks: dict[int, int] = field(default_factory=dict)
     counts: dict[int, dict[str, bytes]] = field(default_factory=dict)
 
+    @staticmethod
+    def _get(table: dict[int, dict[str, bytes]], partition: int,
+             keys: Sequence[str]) -> dict[str, bytes]:
+        mine = table.get(partition, {})
+        return {key: mine[key] for key in keys if key in mine}
+
+    @staticmethod
+    def _put(table: dict[int, dict[str, bytes]], partition: int,
+             records: Mapping[str, bytes | None]) -> None:
+        mine = table.setdefault(partition, {})
+        for key, raw in records.items():
+            if raw is None:
+                mine.pop(key, None)
+            else:
+                mine[key] = raw
+
     def get_users(self, partition: int, user_ids: Sequence[str]) -> dict[str, bytes]:
-        mine = self.users.get(partition, {})
-        return {uid: mine[uid] for uid in user_ids if uid in mine}
+        return self._get(self.users, partition, user_ids)
 
     def put_users(self, partition: int, records: Mapping[str, bytes]) -> None:
-        self.users.setdefault(partition, {}).update(records)
+        self._put(self.users, partition, records)
 
     def get_budgets(self, partition: int) -> dict[str, bytes]:
         return dict(self.budgets.get(partition, {}))
 
     def put_budgets(self, partition: int, records: Mapping[str, bytes]) -> None:
-        self.budgets.setdefault(partition, {}).update(records)
+        self._put(self.budgets, partition, records)
 
     def get_preferences(self, partition: int, user_id: str) -> bytes | None:
         return self.preferences.get(partition, {}).get(user_id)
@@ -84,16 +99,10 @@ class MemoryStore:
                 if cart.ts_ms <= before_ms]
 
     def get_pending(self, partition: int, refs: Sequence[str]) -> dict[str, bytes]:
-        mine = self.pending.get(partition, {})
-        return {ref: mine[ref] for ref in refs if ref in mine}
+        return self._get(self.pending, partition, refs)
 
     def put_pending(self, partition: int, records: Mapping[str, bytes | None]) -> None:
-        mine = self.pending.setdefault(partition, {})
-        for ref, raw in records.items():
-            if raw is None:
-                mine.pop(ref, None)
-            else:
-                mine[ref] = raw
+        self._put(self.pending, partition, records)
 
     def all_pending(self, partition: int) -> list[bytes]:
         return list(self.pending.get(partition, {}).values())
@@ -108,11 +117,10 @@ class MemoryStore:
         self.watermarks[partition] = watermark
 
     def get_counts(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
-        mine = self.counts.get(partition, {})
-        return {key: mine[key] for key in keys if key in mine}
+        return self._get(self.counts, partition, keys)
 
     def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None:
-        self.counts.setdefault(partition, {}).update(records)
+        self._put(self.counts, partition, records)
 
     def all_counts(self) -> dict[str, bytes]:
         """Every partition's counts, as `promo report uplift` reads the changelog."""
