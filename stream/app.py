@@ -43,7 +43,7 @@ from stream.contracts import Coupon, Limits, Preferences, Reason, Rejection, dea
 from stream.exporter import write_snapshot
 from stream.metrics import MAX_CAMPAIGN_SERIES, Metrics
 from stream.models import ModelWatcher
-from stream.outcomes import Rules, totals
+from stream.outcomes import Rules, merged, totals
 from stream.pipeline import OpenCart, Pipeline, Topics
 from stream.policy import partition_budget
 from stream.topics import expected_partition, repartition_topic, sasl_password, ssl_context
@@ -357,16 +357,13 @@ def set_uplift_gauges(metrics: Metrics, store: TableStore, partitions: set[int])
     counts: dict[str, bytes] = {}
     for partition in partitions:
         counts.update(store.partition_counts(partition))
-    by_campaign: dict[tuple[str, str], tuple[int, int]] = {}
-    for group, tally in totals(counts).items():
-        for arm, side in (("treatment", tally.treatment), ("holdout", tally.holdout)):
-            n, c = by_campaign.get((group.campaign, arm), (0, 0))
-            by_campaign[(group.campaign, arm)] = (n + side.decisions, c + side.converted)
+    by_campaign = merged(totals(counts), lambda group: group.campaign)
     metrics.uplift_decisions.clear()
     metrics.uplift_conversions.clear()
-    for (campaign, arm), (n, c) in sorted(by_campaign.items())[:2 * MAX_CAMPAIGN_SERIES]:
-        metrics.uplift_decisions.labels(campaign=campaign, arm=arm).set(n)
-        metrics.uplift_conversions.labels(campaign=campaign, arm=arm).set(c)
+    for campaign, tally in sorted(by_campaign.items())[:MAX_CAMPAIGN_SERIES]:
+        for arm, side in (("treatment", tally.treatment), ("holdout", tally.holdout)):
+            metrics.uplift_decisions.labels(campaign=campaign, arm=arm).set(side.decisions)
+            metrics.uplift_conversions.labels(campaign=campaign, arm=arm).set(side.converted)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:

@@ -28,7 +28,7 @@ the lift report and the guardrail read (:mod:`stream.uplift`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import orjson
@@ -57,7 +57,11 @@ class Rules:
 
     def closes_by(self, window: PendingWindow) -> int:
         """The watermark past which the window closes unconverted."""
-        return self.end_ms(window) + self.grace_ms
+        return self.closes_by_start(window.start_s)
+
+    def closes_by_start(self, start_s: int) -> int:
+        """:meth:`closes_by` of a window that opened at ``start_s`` (epoch seconds)."""
+        return start_s * 1000 + self.window_ms + self.grace_ms
 
     def converts(self, window: PendingWindow, event: Event) -> bool:
         return (event.type in self.conversion_types
@@ -268,6 +272,15 @@ def tally_key(partition: int, group: Group) -> str:
 def group_of_key(key: str) -> Group:
     _, action, campaign, model_version, policy_version = orjson.loads(key)
     return Group(action, campaign, model_version, policy_version)
+
+
+def merged(groups: Mapping[Group, Tally], label: Callable[[Group], str]) -> dict[str, Tally]:
+    """The groups' tallies summed by ``label`` (a campaign over its versions, say)."""
+    out: dict[str, Tally] = {}
+    for group, tally in groups.items():
+        key = label(group)
+        out[key] = out.get(key, Tally()).merge(tally)
+    return out
 
 
 def totals(counts: Mapping[str, bytes]) -> dict[Group, Tally]:

@@ -438,8 +438,8 @@ class Pipeline:
             index = self._deadlines[partition] = SortedList()
             for raw in self.store.all_pending(partition):
                 body = orjson.loads(raw)
-                start_s = int(body["window_start"]) // 1000
-                index.add((start_s * 1000 + rules.window_ms + rules.grace_ms, body["user_id"]))
+                index.add((rules.closes_by_start(int(body["window_start"]) // 1000),
+                           body["user_id"]))
         return index
 
     def _load_and_apply(self, done: _Pass) -> None:
@@ -777,7 +777,8 @@ class Pipeline:
             if records:
                 self.store.put_pending(partition, records)
         for partition, mark in done.watermarks.items():
-            self.store.put_watermark(partition, mark)
+            if mark != done.watermarks_before[partition]:  # one changelog record less a batch
+                self.store.put_watermark(partition, mark)
         for partition, groups in done.tallies.items():
             keys = {outcomes.tally_key(partition, g): t for g, t in groups.items()}
             stored = self.store.get_counts(partition, list(keys))

@@ -30,7 +30,7 @@ from statistics import NormalDist
 from typing import Any, Literal
 
 from stream.config import UpliftSettings
-from stream.outcomes import ArmTally, Group, Tally
+from stream.outcomes import ArmTally, Group, Tally, merged
 
 DEFAULT_SETTINGS = UpliftSettings()
 
@@ -190,19 +190,16 @@ def report(groups: Mapping[Group, Tally], by: By = "campaign",
            settings: UpliftSettings = DEFAULT_SETTINGS) -> list[tuple[str, Lift]]:
     """Lift per campaign (``by="campaign"``: all versions together) or per campaign, model
     and policy version, then every decision together (``all``), largest first."""
-    merged: dict[str, Tally] = {}
-    for group, tally in groups.items():
-        label = _label(group, by)
-        merged[label] = merged.get(label, Tally()).merge(tally)
-    rows = sorted(merged.items(), key=lambda kv: -(kv[1].treatment.decisions
-                                                   + kv[1].holdout.decisions))
+    by_label = merged(groups, lambda group: _label(group, by))
+    rows = sorted(by_label.items(), key=lambda kv: -(kv[1].treatment.decisions
+                                                     + kv[1].holdout.decisions))
     everything = _sum(groups.values())
     return [(label, lift(t, settings)) for label, t in rows] + [("all", lift(everything,
                                                                              settings))]
 
 
 def _label(group: Group, by: By) -> str:
-    label = group.campaign if group.action != "none" else "none"
+    label = group.campaign  # "none" for `none` decisions: they promote nothing
     if by == "version":
         label += f" (model {group.model_version[:8]}, {group.policy_version})"
     return label
