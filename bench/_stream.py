@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,11 @@ def pin(pid: int, cores: set[int]) -> None:
             continue  # a thread that ended meanwhile
 
 
+def on_cores(cores: set[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that keeps a child process on ``cores`` (None: anywhere)."""
+    return None if cores is None else lambda: os.sched_setaffinity(0, cores)
+
+
 def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
                  profile: Path | None = None, cores: set[int] | None = None) -> WorkerProcess:
     """`promo worker` in the background, with its own state directory and metrics port
@@ -164,8 +169,7 @@ def start_worker(settings: Settings, workdir: Path, checkpoint: Path, name: str,
     log = workdir / f"{name}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=None if cores is None
-                                else lambda: os.sched_setaffinity(0, cores))
+                                preexec_fn=on_cores(cores))
     return WorkerProcess(proc, port, log)
 
 

@@ -52,6 +52,7 @@ from _stream import (
     add_worker_options,
     broker,
     drain_rate,
+    on_cores,
     pin,
     prefill,
     quick_checkpoint,
@@ -102,8 +103,7 @@ def naive_faust(settings: Settings, n: int, workdir: Path,
            "NAIVE_OUT": f"{settings.kafka.events_topic}-naive-out"}
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "naive_faust.py")], env=env,
                           capture_output=True, text=True, timeout=1800, check=False,
-                          preexec_fn=None if cores is None
-                          else lambda: os.sched_setaffinity(0, cores))
+                          preexec_fn=on_cores(cores))
     # faust redirects stdout into its log, so the result line may carry a log prefix.
     found = re.findall(r'\{"events":.*?\}', done.stdout + done.stderr)
     if not found:
