@@ -169,6 +169,10 @@ def replication_of(settings: Settings, topic: str) -> tuple[int, str]:
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     admin = AdminClient({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    # A topic just created may be known to the broker that answers before its partitions are:
+    # metadata reaches the three brokers one by one.
+    wait_until(lambda: 0 in admin.list_topics(topic, timeout=30).topics[topic].partitions,
+               timeout=30, what=f"partition 0 of {topic} in the cluster's metadata")
     partition = admin.list_topics(topic, timeout=30).topics[topic].partitions[0]
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
     entries = admin.describe_configs([resource])[resource].result(timeout=30)
