@@ -35,12 +35,14 @@ from __future__ import annotations
 import base64
 import enum
 import math
+import sys
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 
 from encoder.vocab import EVENT_TYPES
@@ -48,7 +50,7 @@ from stream.config import ContractSettings
 
 __all__ = ["EVENT_TYPES", "Action", "Arm", "Closure", "Coupon", "Decision", "Event", "Limits",
            "Outcome", "Preferences", "Reason", "Rejection", "Trigger", "TriggerKind",
-           "dead_letter", "parse_event"]
+           "check_event", "dead_letter", "parse_event"]
 
 DAY_MS = 86_400_000
 
@@ -137,7 +139,28 @@ _TYPES = frozenset(EVENT_TYPES)
 
 def parse_event(raw: bytes | None, key: bytes | None, *, now_ms: int,
                 limits: Limits = Limits()) -> Event | Rejection:
-    """Decode and validate one record. ``key`` is the Kafka record key and must equal user_id."""
+    """Decode and validate one record. ``key`` is the Kafka record key and must equal user_id.
+
+    msgspec decodes the JSON straight into an :class:`Event`, type-checked in the same pass (in
+    C: several times faster than loading a dict and checking it in Python), and the values are
+    then checked against the contract. A record that fails anything at all is handed to
+    :func:`check_event`, which names its first problem in the documented order: valid records
+    take the fast path, and every rejection's reason and message are the reference checker's.
+    """
+    if raw is not None and len(raw) <= limits.max_record_bytes:
+        try:
+            event = _decode_event(raw)
+        except (msgspec.DecodeError, RecursionError):  # deep nesting raises RecursionError
+            pass
+        else:
+            if _honours_contract(event, key, now_ms, limits):
+                return event
+    return check_event(raw, key, now_ms=now_ms, limits=limits)
+
+
+def check_event(raw: bytes | None, key: bytes | None, *, now_ms: int,
+                limits: Limits = Limits()) -> Event | Rejection:
+    """The reference checker: :func:`parse_event`'s result, one check at a time in Python."""
     if raw is None:
         return Rejection(Reason.NOT_JSON, "record has no value (tombstone)")
     if len(raw) > limits.max_record_bytes:
@@ -212,6 +235,30 @@ def parse_event(raw: bytes | None, key: bytes | None, *, now_ms: int,
         session_id=body.get("session_id"), schema_version=version,
         coupon_id=body.get("coupon_id"), value=amounts["value"],
     )
+
+
+_decode_event = msgspec.json.Decoder(Event).decode
+#: orjson reads integers up to 2**64 - 1 as integers, larger ones as floats (a wrong type).
+_MAX_JSON_INT = 2**64 - 1
+_MAX_FLOAT = sys.float_info.max
+
+
+def _honours_contract(event: Event, key: bytes | None, now_ms: int, limits: Limits) -> bool:
+    """Every check of :func:`check_event` that msgspec's typed decoding left to do."""
+    return (_fine_id(event.event_id) and _fine_id(event.user_id) and _fine_id(event.item_id)
+            and event.type in _TYPES and event.schema_version == SCHEMA_VERSION
+            and limits.min_event_time_ms <= event.ts <= now_ms + limits.max_future_skew_ms
+            and (event.category is None or _fine_id(event.category))
+            and (event.session_id is None or _fine_id(event.session_id))
+            and (event.coupon_id is None or _fine_id(event.coupon_id))
+            and (event.price is None or 0 <= event.price <= _MAX_FLOAT)
+            and (event.value is None or 0 <= event.value <= _MAX_FLOAT)
+            and (event.quantity is None or 1 <= event.quantity <= _MAX_JSON_INT)
+            and key is not None and key == event.user_id.encode())
+
+
+def _fine_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_ID_LENGTH and not value.isspace()
 
 
 def _is_int(value: object) -> bool:

@@ -14,6 +14,7 @@ from stream.contracts import (
     Limits,
     Reason,
     Rejection,
+    check_event,
     dead_letter,
     parse_event,
 )
@@ -202,3 +203,144 @@ def test_arbitrary_field_values_never_raise_and_valid_results_honour_the_contrac
         assert result.type in ("view", "click", "add_to_cart", "purchase")
         assert isinstance(result.ts, int) and result.ts <= NOW + Limits().max_future_skew_ms
         assert result.price is None or result.price >= 0
+
+
+# --- the fast decoder and the reference checker agree on everything --------------------------
+
+
+def body_bytes(*, drop: str | None = None, tail: bytes = b"", **fields: object) -> bytes:
+    """GOOD with ``fields`` over it, without ``drop``, and raw JSON text ``tail`` spliced in
+    before the closing brace (for literals orjson would not write: a duplicate key, a number
+    past 64 bits or past a double, a lone surrogate escape)."""
+    body = {name: value for name, value in {**GOOD, **fields}.items() if name != drop}
+    return orjson.dumps(body)[:-1] + tail + b"}"
+
+
+# Every way the contract rejects a record, with the reason and message it had before msgspec
+# decoded the fast path (orjson's own messages by their stem: the column varies by version).
+REJECTIONS = [
+    ("tombstone", None, b"u1", Reason.NOT_JSON, "record has no value (tombstone)"),
+    ("too large", body_bytes(category="c" * 20000), b"u1", Reason.RECORD_TOO_LARGE,
+     "20104 bytes > limit 16384"),
+    ("truncated JSON", b'{"event_id": "e1"', b"u1", Reason.NOT_JSON, "unexpected end of data"),
+    ("not UTF-8", b'{"event_id": "\xff"}', b"u1", Reason.NOT_JSON, "str is not valid UTF-8"),
+    ("lone surrogate", body_bytes(tail=b',"category":"\\ud800"'), b"u1", Reason.NOT_JSON,
+     "no low surrogate in string"),
+    ("nested past orjson's depth", body_bytes(tail=b',"x":' + b"[" * 2000 + b"]" * 2000),
+     b"u1", Reason.NOT_JSON, "depth limit exceeded"),
+    ("a number past a double", body_bytes(tail=b',"price":1e400'), b"u1", Reason.NOT_JSON,
+     "number is infinity when parsed as double"),
+    ("array", b"[1, 2]", b"u1", Reason.NOT_AN_OBJECT, "top-level JSON is list"),
+    ("string", b'"event"', b"u1", Reason.NOT_AN_OBJECT, "top-level JSON is str"),
+    ("missing event_id", body_bytes(drop="event_id"), b"u1", Reason.MISSING_FIELD,
+     "event_id is missing"),
+    ("missing ts", body_bytes(drop="ts"), b"u1", Reason.MISSING_FIELD, "ts is missing"),
+    ("null user_id", body_bytes(user_id=None), b"u1", Reason.MISSING_FIELD,
+     "user_id is missing"),
+    ("numeric user_id", body_bytes(user_id=7), b"7", Reason.WRONG_TYPE,
+     "user_id must be a string, not int"),
+    ("empty event_id", body_bytes(event_id=""), b"u1", Reason.INVALID_VALUE,
+     "event_id is empty"),
+    ("blank item_id", body_bytes(item_id="   "), b"u1", Reason.INVALID_VALUE,
+     "item_id is empty"),
+    ("item_id too long", body_bytes(item_id="i" * 257), b"u1", Reason.INVALID_VALUE,
+     "item_id is 257 chars > 256"),
+    ("numeric category", body_bytes(category=5), b"u1", Reason.WRONG_TYPE,
+     "category must be a string, not int"),
+    ("empty coupon_id", body_bytes(coupon_id=""), b"u1", Reason.INVALID_VALUE,
+     "coupon_id is empty"),
+    ("list session_id", body_bytes(session_id=["s"]), b"u1", Reason.WRONG_TYPE,
+     "session_id must be a string, not list"),
+    ("float ts", body_bytes(ts=1.5e12), b"u1", Reason.WRONG_TYPE,
+     "ts must be integer epoch milliseconds, not float"),
+    ("boolean ts", body_bytes(ts=True), b"u1", Reason.WRONG_TYPE,
+     "ts must be integer epoch milliseconds, not bool"),
+    ("string ts", body_bytes(ts="1760000000000"), b"u1", Reason.WRONG_TYPE,
+     "ts must be integer epoch milliseconds, not str"),
+    ("ts past 64 bits", body_bytes(tail=b',"ts":18446744073709551616'), b"u1",
+     Reason.WRONG_TYPE, "ts must be integer epoch milliseconds, not float"),
+    ("string price", body_bytes(price="9.99"), b"u1", Reason.WRONG_TYPE,
+     "price must be a number, not str"),
+    ("negative price", body_bytes(price=-1), b"u1", Reason.INVALID_VALUE,
+     "price must be >= 0, got -1"),
+    ("negative value", body_bytes(value=-0.5), b"u1", Reason.INVALID_VALUE,
+     "value must be >= 0, got -0.5"),
+    ("boolean value", body_bytes(value=False), b"u1", Reason.WRONG_TYPE,
+     "value must be a number, not bool"),
+    ("float quantity", body_bytes(quantity=1.0), b"u1", Reason.WRONG_TYPE,
+     "quantity must be an integer, not float"),
+    ("zero quantity", body_bytes(quantity=0), b"u1", Reason.INVALID_VALUE,
+     "quantity must be >= 1, got 0"),
+    ("quantity past 64 bits", body_bytes(tail=b',"quantity":18446744073709551616'), b"u1",
+     Reason.WRONG_TYPE, "quantity must be an integer, not float"),
+    ("string schema_version", body_bytes(schema_version="1"), b"u1", Reason.WRONG_TYPE,
+     "schema_version must be an integer"),
+    ("null schema_version", body_bytes(schema_version=None), b"u1", Reason.WRONG_TYPE,
+     "schema_version must be an integer"),
+    ("unknown type", body_bytes(type="buy"), b"u1", Reason.UNKNOWN_EVENT_TYPE,
+     "type 'buy' is not one of view, click, add_to_cart, purchase"),
+    ("schema_version 2", body_bytes(schema_version=2), b"u1", Reason.UNSUPPORTED_SCHEMA_VERSION,
+     "schema_version 2 (this worker reads 1)"),
+    ("future ts", body_bytes(ts=NOW + 301_000), b"u1", Reason.FUTURE_TIMESTAMP,
+     "ts 1760000301000 is 301s ahead of the worker's clock"),
+    ("ts in seconds", body_bytes(ts=1_760_000_000), b"u1", Reason.ANCIENT_TIMESTAMP,
+     "ts 1760000000 is before 631152000000 (seconds sent as ms?)"),
+    ("no key", body_bytes(), None, Reason.KEY_MISMATCH, "record key null must equal user_id"),
+    ("another user's key", body_bytes(), b"u2", Reason.KEY_MISMATCH,
+     "record key b'u2' must equal user_id"),
+    ("empty key", body_bytes(), b"", Reason.KEY_MISMATCH, "record key b'' must equal user_id"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key", "reason", "error"),
+                         [case[1:] for case in REJECTIONS], ids=[case[0] for case in REJECTIONS])
+def test_every_rejection_keeps_its_documented_reason_and_message(
+        raw: bytes | None, key: bytes | None, reason: Reason, error: str) -> None:
+    result = parse_event(raw, key, now_ms=NOW)
+    assert isinstance(result, Rejection)
+    assert (result.reason, result.error[:len(error)]) == (reason, error)
+    assert result == check_event(raw, key, now_ms=NOW)
+
+
+def test_the_table_names_every_reason_a_record_alone_can_have() -> None:
+    decided_by_state = {Reason.DUPLICATE_EVENT, Reason.PROCESSING_ERROR}
+    assert {case[3] for case in REJECTIONS} == set(Reason) - decided_by_state
+
+
+@pytest.mark.parametrize("raw", [
+    body_bytes(tail=b',"user_id":"u2","user_id":"u1"'),  # a repeated key: the last one counts
+    body_bytes(tail=b',"user\\u005fid":"u1"'),  # an escaped field name
+    body_bytes(price=3, quantity=2**64 - 1, value=-0.0),  # an integer price is a float
+    body_bytes(tail=b',"x":{"a":[1,{"b":null}],"c":"\\u00e9"}'),
+], ids=["repeated key", "escaped name", "number edges", "nested unknown field"])
+def test_edge_cases_of_json_decode_the_same_on_both_paths(raw: bytes) -> None:
+    result = parse_event(raw, b"u1", now_ms=NOW)
+    assert isinstance(result, Event)
+    assert result == check_event(raw, b"u1", now_ms=NOW)
+
+
+# JSON literals orjson would not write from Python values, spliced into a good body.
+raw_literals = st.sampled_from([
+    b"18446744073709551615", b"18446744073709551616", b"-9223372036854775809", b"1e400",
+    b"-0.0", b"1.0", b"0", b"1", b"true", b"null", b'"\\ud800"', b'"\\u0000"', b'"  "',
+    b'""', b"[]", b"{}", b'"view"', b"1760000000000",
+])
+
+
+@settings(max_examples=600, deadline=None)
+@given(overrides=st.dictionaries(st.sampled_from([*GOOD, "price", "quantity", "category",
+                                                  "session_id", "schema_version", "coupon_id",
+                                                  "value"]), json_values, max_size=4),
+       spliced=st.lists(st.tuples(st.sampled_from([*GOOD, "price", "quantity", "value",
+                                                   "schema_version", "category"]),
+                                  raw_literals), max_size=2),
+       key=st.sampled_from([b"u1", b"u2", None]))
+def test_the_fast_decoder_returns_exactly_what_the_reference_checker_does(
+        overrides: dict[str, object], spliced: list[tuple[str, bytes]],
+        key: bytes | None) -> None:
+    try:
+        raw = body_bytes(**overrides)
+    except TypeError:  # integers beyond 64 bits are not JSON orjson writes: spliced instead
+        return
+    raw = raw[:-1] + b"".join(b',"%s":%s' % (name.encode(), text) for name, text in spliced) + b"}"
+    assert parse_event(raw, key, now_ms=NOW) == check_event(raw, key, now_ms=NOW)
