@@ -1,4 +1,4 @@
-"""Pipeline throughput against two references, same broker, same events, same run.
+"""Pipeline throughput against three references, same broker, same events, same run.
 
     .venv/bin/python bench/pipeline_throughput.py            # about 3 minutes
     .venv/bin/python bench/pipeline_throughput.py --quick    # a smoke run in under a minute
@@ -11,23 +11,29 @@
 (d) two such workers in one consumer group on the same topic (partitions >= 2), on fresh
     topics pre-filled with the same events: the scale-out ratio d/c on this machine;
 (e) one worker with attribution off (``attribution.enabled = false``: no windows, no
-    outcomes), on fresh topics with the same events: what attribution costs, c/e.
+    outcomes), on fresh topics with the same events: what attribution costs, c/e;
+(f) the peer: a Quix Streams application (bench/quix_peer.py: confluent-kafka underneath, the
+    library users most often pick instead of faust) doing only the stateful part of the work,
+    per-user state in its RocksDB store and one output record per trigger: c/f is
+    ``pipeline_vs_quixstreams``, promo-stream with its encoder and policy over it.
 
-Besides events/s, each of (b), (c) and (e) reports its own process's CPU seconds per 100k events
-over the same span: the broker and the producer share the two cores, and this figure does not
+Besides events/s, each of (b), (c), (e) and (f) reports its own process's CPU seconds per 100k
+events over the same span: the broker and the producer share the two cores, and this figure does not
 depend on how much of them they took. ``worker_cpu_vs_naive_cpu`` is (c)'s CPU per event over
 (b)'s. Then (b) and (c) run again on fresh topics **pinned**: the broker (when this script
 started it) and this process (the producer) on one core, the measured process on another, so
 that neither takes the other's core; ``pinned`` reports their rates and ratio beside the
 unpinned ones.
 
-All three read the same pre-filled `events` topic (real Instacart events) from the beginning; a
-run's rate is events / (time of the last event processed - time of the first). Writes
+(a), (b), (c) and (f) read the same pre-filled `events` topic (real Instacart events) from the
+beginning; a run's rate is events / (time of the last event processed - time of the first). Writes
 bench/results/pipeline_throughput.{json,png}, merges the ratios and the mean state record size
-into bench/results/summary.json, and prints ``c/b``, ``c/a``, ``d/c`` and ``c/e`` as its last
-line.
+into bench/results/summary.json, and prints ``c/b``, ``c/a``, ``c/f``, ``d/c`` and ``c/e`` as its
+last line.
 ``--quick`` writes pipeline_throughput_quick.* and touches summary.json only with ``--summary``.
-``--profile`` also writes a pyinstrument profile of the worker to pipeline_profile.txt.
+``--profile`` also runs one worker under pyinstrument, on fresh topics after the measured runs
+(a profiler slows what it watches: its rate is not a figure), and writes its profile to
+pipeline_profile.txt.
 """
 
 from __future__ import annotations
@@ -112,6 +118,23 @@ def naive_faust(settings: Settings, n: int, workdir: Path,
     return float(result["events"] / result["seconds"]), float(result["cpu_seconds"])
 
 
+def quix_streams(settings: Settings, n: int, workdir: Path) -> tuple[float, float]:
+    """(f): (events per second, the process's CPU seconds) of bench/quix_peer.py over ``n``
+    events of the events topic."""
+    env = {**os.environ, "QUIX_BOOTSTRAP": settings.kafka.bootstrap_servers,
+           "QUIX_TOPIC": settings.kafka.events_topic, "QUIX_EVENTS": str(n),
+           "QUIX_STATE_DIR": str(workdir / "quix"),
+           "QUIX_APP_ID": f"{settings.worker.app_id}-quix",
+           "QUIX_OUT": f"{settings.kafka.events_topic}-quix-out"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "quix_peer.py")], env=env,
+                          capture_output=True, text=True, timeout=1800, check=False)
+    found = re.findall(r'\{"events":.*?\}', done.stdout)
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"quix streams run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    result = json.loads(found[-1])
+    return float(result["events"] / result["seconds"]), float(result["cpu_seconds"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000,
@@ -140,8 +163,9 @@ def main() -> None:
         print("(b) naive per-event faust agent...", file=sys.stderr)
         naive, naive_cpu = naive_faust(settings, args.naive_events, workdir)
         print("(c) promo-stream worker...", file=sys.stderr)
-        promo, stats = drain_rate(settings, len(rows), workdir / "c", checkpoint,
-                                  profile=profile)
+        promo, stats = drain_rate(settings, len(rows), workdir / "c", checkpoint)
+        print("(f) Quix Streams peer...", file=sys.stderr)
+        quix, quix_cpu = quix_streams(settings, len(rows), workdir)
         print("(d) two promo-stream workers...", file=sys.stderr)
         two = on_topics(settings, "two")
         prefill(two, rows, "two")
@@ -155,8 +179,14 @@ def main() -> None:
         pinned = pinned_pair(on_topics(settings, "pinned"), rows, args.naive_events, workdir,
                              checkpoint, broker_pids=[] if args.bootstrap_servers else
                              _broker_pids(Path(tmp) / "broker"))
+        if profile is not None:
+            print("profiling one worker (not measured)...", file=sys.stderr)
+            profiled = on_topics(settings, "profiled")
+            prefill(profiled, rows, "profiled")
+            drain_rate(profiled, len(rows), workdir / "g", checkpoint, profile=profile)
     per_100k = {"naive_faust": naive_cpu / args.naive_events * 1e5,
                 "promo": stats["worker_cpu_seconds"] / len(rows) * 1e5,
+                "quixstreams": quix_cpu / len(rows) * 1e5,
                 "promo_attribution_off": bare_stats["worker_cpu_seconds"] / len(rows) * 1e5}
     cpu_ratio = per_100k["promo"] / per_100k["naive_faust"]
     result = {
@@ -168,11 +198,12 @@ def main() -> None:
                    "guarantee": settings.worker.processing_guarantee},
         "events_per_second": {"raw_aiokafka": raw, "naive_faust": naive, "promo": promo,
                               "promo_two_workers": pair,
-                              "promo_attribution_off": unattributed},
+                              "promo_attribution_off": unattributed, "quixstreams": quix},
         "worker_cpu_seconds_per_100k_events": per_100k,
         "pinned": pinned,
         "worker_histograms": stats,
         "ratios": {"promo_over_naive": promo / naive, "promo_over_raw": promo / raw,
+                   "promo_over_quixstreams": promo / quix,
                    "two_workers_over_one": pair / promo,
                    "attribution_on_over_off": promo / unattributed,
                    "worker_cpu_vs_naive_cpu": cpu_ratio},
@@ -184,12 +215,14 @@ def main() -> None:
                        / max(1.0, stats.get("promo_state_record_bytes_count", 0)))
         merge_summary(summary, pipeline_vs_naive_faust=round(promo / naive, 2),
                       pipeline_vs_raw_aiokafka=round(promo / raw, 4),
+                      pipeline_vs_quixstreams=round(promo / quix, 2),
                       state_bytes_per_user=round(state_bytes) or None,
                       two_workers_over_one=round(pair / promo, 2),
                       attribution_throughput_ratio=round(promo / unattributed, 2),
                       worker_cpu_vs_naive_cpu=round(cpu_ratio, 3))
     print(f"events/s: raw aiokafka {raw:,.0f}, naive faust {naive:,.0f}, promo {promo:,.0f}, "
-          f"two promo workers {pair:,.0f}, attribution off {unattributed:,.0f}")
+          f"two promo workers {pair:,.0f}, attribution off {unattributed:,.0f}, "
+          f"quix streams {quix:,.0f}")
     print("worker CPU seconds per 100k events: "
           + ", ".join(f"{name} {value:,.1f}" for name, value in per_100k.items())
           + f"; promo / naive = {cpu_ratio:.3f} (goal <= 0.1)")
@@ -200,7 +233,8 @@ def main() -> None:
               + f"): naive {pinned['naive_faust']:,.0f}, promo {pinned['promo']:,.0f} ev/s, "
               f"c/b = {pinned['promo_over_naive']:.1f}x")
     print(f"c/b = {promo / naive:.1f}x (goal >= 10x); c/a = {promo / raw:.1%} (goal >= 5%); "
-          f"d/c = {pair / promo:.2f}x; c/e = {promo / unattributed:.2f}x (goal >= 0.85)")
+          f"c/f = {promo / quix:.2f}x (goal >= 1); d/c = {pair / promo:.2f}x; "
+          f"c/e = {promo / unattributed:.2f}x (goal >= 0.85)")
 
 
 def pinned_pair(settings: Settings, rows: list[Any], naive_events: int, workdir: Path,
@@ -244,11 +278,12 @@ def plot(result: dict, path: Path) -> None:  # type: ignore[type-arg]
 
     rates = result["events_per_second"]
     labels = ["(a) raw aiokafka\n+ orjson", "(b) naive faust\nagent", "(c) promo-stream\nworker",
-              "(d) two promo\nworkers", "(e) attribution\noff"]
+              "(d) two promo\nworkers", "(e) attribution\noff", "(f) Quix Streams\n(state only)"]
     values = [rates["raw_aiokafka"], rates["naive_faust"], rates["promo"],
-              rates["promo_two_workers"], rates["promo_attribution_off"]]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    bars = ax.bar(labels, values, color=["#999999", "#cc6666", "#3366cc", "#6699dd", "#99bbee"])
+              rates["promo_two_workers"], rates["promo_attribution_off"], rates["quixstreams"]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    colors = ["#999999", "#cc6666", "#3366cc", "#6699dd", "#99bbee", "#cc9944"]
+    bars = ax.bar(labels, values, color=colors)
     ax.set_yscale("log")
     ax.set_ylabel("events per second (log scale)")
     ax.set_title(f"Throughput, same broker and events ({result['machine']['cores']} cores)")

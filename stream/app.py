@@ -36,7 +36,7 @@ import faust
 import orjson
 from faust.types import TP
 
-from stream.batching import BatchingApp, BatchingConsumer
+from stream.batching import BatchingApp, BatchingConsumer, Settle
 from stream.catalog import CouponCatalog
 from stream.config import KafkaSettings, Settings, WorkerSettings
 from stream.contracts import Coupon, Limits, Preferences, Reason, Rejection, dead_letter
@@ -400,8 +400,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
         attribution=Rules.from_settings(settings.attribution)
         if settings.attribution.enabled else None)
 
-    async def process_events(batches: Mapping[TP, Sequence[Any]]) -> None:
-        await pipeline.process([r for part in batches.values() for r in part])
+    async def process_events(batches: Mapping[TP, Sequence[Any]]) -> Settle:
+        await pipeline.process([r for part in batches.values() for r in part], durable=False)
+        return store.flush  # the next batch is handled while the broker acknowledges this one
 
     async def process_preferences(batches: Mapping[TP, Sequence[Any]]) -> None:
         for records in batches.values():

@@ -24,10 +24,12 @@ exercise it against the real broker):
   closed), only between batches (:meth:`BatchingConsumer.holding_batch_lock`), so the table
   never loses a partition under a batch that is writing to it, and a transaction never holds
   half a batch;
-- offsets become committable only after the handler returned, i.e. after state writes and
-  output sends were delivered (at-least-once: a crash before the commit replays the batch;
-  state skips records at or below each user's last applied offset, and decisions carry
-  deterministic ids);
+- offsets become committable only after the handler returned and its writes settled, i.e.
+  after state writes and output sends were delivered (at-least-once: a crash before the
+  commit replays the batch; state skips records at or below each user's last applied offset,
+  and decisions carry deterministic ids). A handler may return before its last writes are
+  acknowledged (:class:`Settling`): the next batch is fetched and handled meanwhile, and a
+  commit, a revocation or the next hand-over waits until they are;
 - under exactly-once, output that no input offset commits (the abandonment timer's decisions)
   closes its transactions at once (:meth:`BatchingConsumer.commit_partitions`): faust commits
   a transaction only when its partition has new offsets, so on a quiet partition the timer's
@@ -50,8 +52,11 @@ from faust.streams import _current_event
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
+#: What a batch handler returns: None once the batch is durable, or what to await before its
+#: offsets may be acknowledged (its writes are on their way to the broker meanwhile).
+Settle = Callable[[], Awaitable[None]]
 #: Processes one fetch: each partition's records (aiokafka ConsumerRecords, offset order).
-BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
+BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[Settle | None]]
 #: Whether gated topics may be processed now (see :meth:`BatchingApp.batch_topic`).
 BatchGate = Callable[[], Awaitable[bool]]
 
@@ -68,6 +73,43 @@ def unprocessed(records: Sequence[Any], expected: int | None) -> list[Any]:
     """
     by_offset = {r.offset: r for r in records if expected is None or r.offset >= expected}
     return [by_offset[offset] for offset in sorted(by_offset)]
+
+
+class Settling:
+    """The one handled batch whose writes are still on their way to the broker.
+
+    A handler that returns a :data:`Settle` lets the consumer fetch and handle the next batch
+    while the broker acknowledges this one's changelog writes. Its offsets are acknowledged
+    only once it settled, so the commit order holds: offsets are committed after the batch's
+    outputs and state are durable. At most one batch settles at a time: handing over the next
+    one waits for it, which bounds what is in flight (one batch settling, one being handled)
+    and keeps acknowledgements in offset order. A failed settle raises where it is waited for,
+    as a failed write does inside a handler: nothing of that batch is acknowledged.
+    """
+
+    def __init__(self) -> None:
+        self._task: asyncio.Future[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return 0 if self._task is None else 1
+
+    async def hand_over(self, settle: Settle, acknowledge: Callable[[], None]) -> None:
+        """Wait for the batch settling now, then let this one settle; ``acknowledge`` its
+        offsets once it has."""
+        await self.wait()
+
+        async def settle_then_acknowledge() -> None:
+            await settle()
+            acknowledge()
+
+        self._task = asyncio.ensure_future(settle_then_acknowledge())
+
+    async def wait(self) -> None:
+        """Until nothing is settling (before a commit, a revocation, a stop)."""
+        task, self._task = self._task, None
+        if task is not None:
+            await task
 
 
 class CommittedReadsThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -87,6 +129,10 @@ class CommittedReadsThread(faust_aiokafka.AIOKafkaConsumerThread):
 class BatchingConsumer(faust_aiokafka.Consumer):
     _batch_lock: asyncio.Lock | None = None
     _batch_lock_owner: asyncio.Task[Any] | None = None
+    _settling: Settling | None = None
+    # The next records, asked for while a batch is handled: (generation, records, active).
+    _ahead: asyncio.Future[tuple[int, Any, Any]] | None = None
+    _ahead_stale = False  # a seek happened while they were being fetched
 
     def _new_consumer_thread(self) -> Any:
         return CommittedReadsThread(self, loop=self.loop, beacon=self.beacon)
@@ -96,6 +142,12 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         if self._batch_lock is None:
             self._batch_lock = asyncio.Lock()
         return self._batch_lock
+
+    @property
+    def settling(self) -> Settling:
+        if self._settling is None:
+            self._settling = Settling()
+        return self._settling
 
     @asynccontextmanager
     async def holding_batch_lock(self) -> AsyncIterator[None]:
@@ -120,6 +172,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         batch and publish its decisions a second time, in a second committed transaction.
         """
         async with self.holding_batch_lock():
+            await self.settling.wait()  # its offsets join this commit
             committed: bool = await super().commit(topics,
                                                    start_new_transaction=start_new_transaction)
             return committed
@@ -132,6 +185,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         it too); one without commits its last committed offsets again, which Kafka accepts.
         """
         async with self.holding_batch_lock():
+            await self.settling.wait()
             # Input partitions only: a changelog's committed offset is None (never consumed).
             tps = [tp for tp in self.assignment() if tp.partition in partitions
                    and not self.app.assignor.is_standby(tp)]
@@ -163,8 +217,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             await transaction.begin_transaction()
 
     async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
-        generation = self.app.consumer_generation_id
-        fetched, active = await super()._wait_next_records(timeout)
+        generation, fetched, active = await self._next_records(timeout)
         records = cast(dict[TP, list[Any]] | None, fetched)  # faust's is a plain dict
         handlers: dict[str, BatchHandler] = self.app.batch_handlers  # type: ignore[attr-defined]
         if records and handlers:
@@ -172,6 +225,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             by_topic: dict[str, dict[TP, list[Any]]] = {}
             for tp in [tp for tp in records if tp.topic in handlers]:
                 by_topic.setdefault(tp.topic, {})[tp] = records.pop(tp)
+            if by_topic:
+                self._fetch_ahead(timeout)
             app: Any = self.app
             for topic in sorted(by_topic, key=lambda t: app.batch_topics_first.get(t, 1)):
                 batches = by_topic[topic]
@@ -182,6 +237,48 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 await self._process(handlers[topic], batches, active, generation)
         # What is left (other topics) goes through faust's per-event path as usual.
         return records, active
+
+    async def _next_records(self, timeout: float) -> tuple[int, Any, Any]:
+        """(generation, records, active partitions): those fetched ahead, or a fetch now.
+
+        Records fetched ahead across a seek or a rebalance are not used: they may come from
+        before the seek, and processing them would skip the records sought back to (a hole
+        the commits would pass). They are read again instead, like any dropped record.
+        """
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            generation = self.app.consumer_generation_id
+            fetched, active = await super()._wait_next_records(timeout)
+            return generation, fetched, active
+        generation, fetched, active = await ahead
+        if self._ahead_stale or generation != self.app.consumer_generation_id:
+            self._ahead_stale = False
+            if fetched:
+                await self._fetch_again(fetched)
+            return self.app.consumer_generation_id, {}, active
+        return generation, fetched, active
+
+    def _fetch_ahead(self, timeout: float) -> None:
+        """Ask for the next records now, so that faust's consumer thread (and the broker) fetch
+        and decode them while this batch is handled, instead of after it."""
+        if self.should_stop or not self.flow_active:
+            return
+        generation = self.app.consumer_generation_id
+        fetch = super()._wait_next_records
+
+        async def fetch_ahead() -> tuple[int, Any, Any]:
+            fetched, active = await fetch(timeout)
+            return generation, fetched, active
+
+        self._ahead_stale = False
+        self._ahead = asyncio.ensure_future(fetch_ahead())
+        # Its failure is raised where it is awaited; one left unawaited at a stop is not news.
+        self._ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def on_stop(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+        await super().on_stop()
 
     async def _linger(self, records: dict[TP, list[Any]], handlers: Mapping[str, Any]) -> None:
         """Keep fetching until the batch is full or the linger time is up.
@@ -234,10 +331,18 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                     fresh[tp] = kept
             if not fresh:
                 return
-            await handler(fresh)
+            settle = await handler(fresh)
             for tp, records in fresh.items():
-                self._ack_offsets(tp, [r.offset for r in records])
                 self._read_offset[tp] = records[-1].offset + 1
+
+            def acknowledge() -> None:
+                for tp, records in fresh.items():
+                    self._ack_offsets(tp, [r.offset for r in records])
+
+            if settle is None:
+                acknowledge()
+            else:
+                await self.settling.hand_over(settle, acknowledge)
         if self._commit_every is not None and self._n_acked >= self._commit_every:
             self._n_acked = 0
             await self.commit()
@@ -251,6 +356,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         the partition's commits stuck at the hole. Seeking back to the earliest of them, or
         to the consumer's position if that is earlier, reads them again either way.
         """
+        if self._ahead is not None:
+            self._ahead_stale = True  # it may have fetched past the offsets sought back to
         if self.should_stop:
             return  # stopping: the next owner starts from the committed offsets
         assigned = self.assignment()
@@ -288,6 +395,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         async with self.holding_batch_lock():
+            await self.settling.wait()  # acknowledged before the revocation commits
             await super().on_partitions_revoked(revoked)
 
 

@@ -22,7 +22,9 @@ One call to :meth:`Pipeline.process` handles everything the consumer fetched:
 7. write, in this order: coupon budgets (and flush them), decisions + outcomes + user vectors
    + dead letters + forwarded records (and wait until the broker has them), then user states,
    open carts, pending decisions, watermarks and outcome counts (handed to the producer, so
-   they belong to the same transaction as the batch's offsets under exactly-once).
+   they belong to the same transaction as the batch's offsets under exactly-once, and
+   flushed before the offsets are acknowledged: the worker handles the next batch while the
+   broker acknowledges them, see :class:`stream.batching.Settling`).
 
 :meth:`Pipeline.check_carts` (the abandonment timer) runs steps 3-7 for carts open too long:
 the same loading, decide loop, error isolation and write order.
@@ -290,9 +292,17 @@ class Pipeline:
 
     # --- entry points -----------------------------------------------------------------------
 
-    async def process(self, records: Sequence[Record]) -> BatchResult:
-        """Handle one micro-batch of consumed records (see the module docstring)."""
-        return await self._run(list(records), self.retries)
+    async def process(self, records: Sequence[Record], *, durable: bool = True) -> BatchResult:
+        """Handle one micro-batch of consumed records (see the module docstring).
+
+        With ``durable`` False it returns once the state writes are handed to the store, not
+        yet acknowledged by the broker: the caller awaits ``store.flush()`` before it
+        acknowledges the offsets, and may handle the next batch meanwhile.
+        """
+        result = await self._run(list(records), self.retries)
+        if durable:
+            await self.store.flush()
+        return result
 
     async def check_carts(self) -> BatchResult:
         """Decide cart-abandonment pushes for carts open longer than the configured delay.
@@ -308,7 +318,9 @@ class Pipeline:
         log.debug("cart check", extra={"due": len(due)})
         if not due:
             return BatchResult()
-        return await self._run(list(due), self.retries)
+        result = await self._run(list(due), self.retries)
+        await self.store.flush()
+        return result
 
     # --- one pass, retried, then isolated -------------------------------------------------
 
@@ -766,7 +778,6 @@ class Pipeline:
             if open_carts:
                 self.store.set_open_carts(partition, open_carts)
         self._write_attribution(done)
-        await self.store.flush()
         done.result.partitions = ({o.source_partition for o in done.outputs}
                                   | set(by_partition) | {p for p, c in done.carts.items() if c}
                                   | {p for p, r in done.pending.items() if r})
