@@ -107,9 +107,14 @@ class Settling:
 
     async def wait(self) -> None:
         """Until nothing is settling (before a commit, a revocation, a stop)."""
-        task, self._task = self._task, None
-        if task is not None:
-            await task
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)  # a cancelled waiter leaves the batch settling
+        finally:
+            if task.done() and self._task is task:
+                self._task = None  # a failure is reported once
 
 
 class CommittedReadsThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -141,10 +146,6 @@ class BatchingConsumer(faust_aiokafka.Consumer):
     _batch_lock: asyncio.Lock | None = None
     _batch_lock_owner: asyncio.Task[Any] | None = None
     _settling: Settling | None = None
-    # The next records, asked for while a batch is handled: (generation, records, active,
-    # when they were fetched).
-    _ahead: asyncio.Future[tuple[int, Any, Any, float]] | None = None
-    _ahead_stale = False  # a seek happened while they were being fetched
 
     def _new_consumer_thread(self) -> Any:
         return CommittedReadsThread(self, loop=self.loop, beacon=self.beacon)
@@ -229,16 +230,15 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             await transaction.begin_transaction()
 
     async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
-        generation, fetched, active, fetched_at = await self._next_records(timeout)
+        generation = self.app.consumer_generation_id
+        fetched, active = await super()._wait_next_records(timeout)
         records = cast(dict[TP, list[Any]] | None, fetched)  # faust's is a plain dict
         handlers: dict[str, BatchHandler] = self.app.batch_handlers  # type: ignore[attr-defined]
         if records and handlers:
-            await self._linger(records, handlers, fetched_at)
+            await self._linger(records, handlers)
             by_topic: dict[str, dict[TP, list[Any]]] = {}
             for tp in [tp for tp in records if tp.topic in handlers]:
                 by_topic.setdefault(tp.topic, {})[tp] = records.pop(tp)
-            if by_topic:
-                self._fetch_ahead(timeout)
             app: Any = self.app
             for topic in sorted(by_topic, key=lambda t: app.batch_topics_first.get(t, 1)):
                 batches = by_topic[topic]
@@ -250,53 +250,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         # What is left (other topics) goes through faust's per-event path as usual.
         return records, active
 
-    async def _next_records(self, timeout: float) -> tuple[int, Any, Any, float]:
-        """(generation, records, active partitions, when fetched): those fetched ahead, or a
-        fetch now.
-
-        Records fetched ahead across a seek or a rebalance are not used: they may come from
-        before the seek, and processing them would skip the records sought back to (a hole
-        the commits would pass). They are read again instead, like any dropped record.
-        """
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            generation = self.app.consumer_generation_id
-            fetched, active = await super()._wait_next_records(timeout)
-            return generation, fetched, active, self.loop.time()
-        generation, fetched, active, fetched_at = await ahead
-        if self._ahead_stale or generation != self.app.consumer_generation_id:
-            self._ahead_stale = False
-            if fetched:
-                await self._fetch_again(fetched)
-            return self.app.consumer_generation_id, {}, active, self.loop.time()
-        return generation, fetched, active, fetched_at
-
-    def _fetch_ahead(self, timeout: float) -> None:
-        """Ask for the next records now, so that faust's consumer thread (and the broker) fetch
-        and decode them while this batch is handled, instead of after it."""
-        if self.should_stop or not self.flow_active:
-            return
-        generation = self.app.consumer_generation_id
-        fetch = super()._wait_next_records
-
-        async def fetch_ahead() -> tuple[int, Any, Any, float]:
-            fetched, active = await fetch(timeout)
-            return generation, fetched, active, self.loop.time()
-
-        self._ahead_stale = False
-        self._ahead = asyncio.ensure_future(fetch_ahead())
-        # Its failure is raised where it is awaited; one left unawaited at a stop is not news.
-        self._ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-    async def on_stop(self) -> None:
-        if self._ahead is not None:
-            self._ahead.cancel()
-        await super().on_stop()
-
-    async def _linger(self, records: dict[TP, list[Any]], handlers: Mapping[str, Any],
-                      fetched_at: float) -> None:
-        """Keep fetching until the batch is full or the linger time since its first fetch
-        (``fetched_at``, loop time: records fetched ahead waited already) is up.
+    async def _linger(self, records: dict[TP, list[Any]], handlers: Mapping[str, Any]) -> None:
+        """Keep fetching until the batch is full or the linger time is up.
 
         Bigger batches make the encoder's one padded forward pass cheaper per user; the linger
         bounds what that costs in latency. Under load a single fetch already fills the batch.
@@ -306,7 +261,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         if linger <= 0:
             return
         loop = asyncio.get_running_loop()
-        deadline = fetched_at + linger
+        deadline = loop.time() + linger
 
         def size() -> int:
             return sum(len(part) for tp, part in records.items() if tp.topic in handlers)
@@ -371,8 +326,6 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         the partition's commits stuck at the hole. Seeking back to the earliest of them, or
         to the consumer's position if that is earlier, reads them again either way.
         """
-        if self._ahead is not None:
-            self._ahead_stale = True  # it may have fetched past the offsets sought back to
         if self.should_stop:
             return  # stopping: the next owner starts from the committed offsets
         assigned = self.assignment()
@@ -410,7 +363,13 @@ class BatchingConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         async with self.holding_batch_lock():
-            await self.settling.wait()  # acknowledged before the revocation commits
+            try:
+                await self.settling.wait()  # acknowledged before the revocation commits
+            except Exception as exc:
+                # The batch's writes failed: its offsets stay unacknowledged. The worker
+                # stops, as on a failed write inside a batch, and faust's revocation still
+                # runs (a revocation that raised would be skipped by aiokafka).
+                await self.crash(exc)
             await super().on_partitions_revoked(revoked)
 
 

@@ -230,6 +230,10 @@ REJECTIONS = [
      b"u1", Reason.NOT_JSON, "depth limit exceeded"),
     ("a number past a double", body_bytes(tail=b',"price":1e400'), b"u1", Reason.NOT_JSON,
      "number is infinity when parsed as double"),
+    ("not UTF-8 in an unknown field", body_bytes(tail=b',"x":"\xff"'), b"u1", Reason.NOT_JSON,
+     "str is not valid UTF-8"),
+    ("an unknown field past a double", body_bytes(tail=b',"x":1e400'), b"u1", Reason.NOT_JSON,
+     "number is infinity when parsed as double"),
     ("array", b"[1, 2]", b"u1", Reason.NOT_AN_OBJECT, "top-level JSON is list"),
     ("string", b'"event"', b"u1", Reason.NOT_AN_OBJECT, "top-level JSON is str"),
     ("missing event_id", body_bytes(drop="event_id"), b"u1", Reason.MISSING_FIELD,
@@ -319,11 +323,13 @@ def test_edge_cases_of_json_decode_the_same_on_both_paths(raw: bytes) -> None:
     assert result == check_event(raw, b"u1", now_ms=NOW)
 
 
-# JSON literals orjson would not write from Python values, spliced into a good body.
+# JSON literals orjson would not write from Python values, spliced into a good body, in known
+# fields and in unknown ones (which msgspec skips more leniently than orjson reads them).
 raw_literals = st.sampled_from([
     b"18446744073709551615", b"18446744073709551616", b"-9223372036854775809", b"1e400",
     b"-0.0", b"1.0", b"0", b"1", b"true", b"null", b'"\\ud800"', b'"\\u0000"', b'"  "',
-    b'""', b"[]", b"{}", b'"view"', b"1760000000000",
+    b'""', b"[]", b"{}", b'"view"', b"1760000000000", b'"\xff"', b'"\xc3\xa9"', b"1E+308",
+    b"1e308", b"2e-400", b"1" + b"0" * 400, b"[1e400]", b'{"a":"\xfe"}',
 ])
 
 
@@ -332,7 +338,7 @@ raw_literals = st.sampled_from([
                                                   "session_id", "schema_version", "coupon_id",
                                                   "value"]), json_values, max_size=4),
        spliced=st.lists(st.tuples(st.sampled_from([*GOOD, "price", "quantity", "value",
-                                                   "schema_version", "category"]),
+                                                   "schema_version", "category", "x-extra"]),
                                   raw_literals), max_size=2),
        key=st.sampled_from([b"u1", b"u2", None]))
 def test_the_fast_decoder_returns_exactly_what_the_reference_checker_does(
