@@ -40,6 +40,7 @@ exercise it against the real broker):
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -251,7 +252,10 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         return records, active
 
     async def _linger(self, records: dict[TP, list[Any]], handlers: Mapping[str, Any]) -> None:
-        """Keep fetching until the batch is full or the linger time is up.
+        """Keep fetching until the batch is full or the linger time is up, counted from the
+        oldest record's timestamp (a record that waited while the last batch was handled has
+        used part of its window already), and never longer than the linger from now (a
+        producer's clock may be ahead).
 
         Bigger batches make the encoder's one padded forward pass cheaper per user; the linger
         bounds what that costs in latency. Under load a single fetch already fills the batch.
@@ -261,7 +265,10 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         if linger <= 0:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + linger
+        oldest_ms = min((part[0].timestamp for tp, part in records.items()
+                         if tp.topic in handlers and part), default=None)
+        waited = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+        deadline = loop.time() + linger - min(waited, linger)
 
         def size() -> int:
             return sum(len(part) for tp, part in records.items() if tp.topic in handlers)

@@ -84,7 +84,8 @@ class WorkerSettings:
     # 60 s); heartbeats go every 3 s, so 10 s tolerates three missed ones.
     session_timeout_seconds: Annotated[float, Field(ge=6, le=300)] = 10.0
     # A micro-batch closes when it holds batch_max_events or batch_max_seconds have passed
-    # since its first fetch, whichever comes first; under load a single fetch fills it.
+    # since its oldest record was written, whichever comes first; under load a single fetch
+    # fills it.
     batch_max_events: Annotated[int, Field(ge=1, le=100_000)] = 2000
     batch_max_seconds: NonNegative = 0.1
     metrics_host: Name = "127.0.0.1"  # localhost unless an operator opens it up
