@@ -107,15 +107,8 @@ def naive_faust(settings: Settings, n: int, workdir: Path,
            "NAIVE_APP_ID": f"{settings.worker.app_id}-naive",
            "NAIVE_PARTITIONS": str(settings.kafka.partitions),
            "NAIVE_OUT": f"{settings.kafka.events_topic}-naive-out"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "naive_faust.py")], env=env,
-                          capture_output=True, text=True, timeout=1800, check=False,
-                          preexec_fn=on_cores(cores))
-    # faust redirects stdout into its log, so the result line may carry a log prefix.
-    found = re.findall(r'\{"events":.*?\}', done.stdout + done.stderr)
-    if not found:
-        raise RuntimeError(f"naive faust run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-    result = json.loads(found[-1])
-    return float(result["events"] / result["seconds"]), float(result["cpu_seconds"])
+    # It stops itself with SIGTERM: its exit status says nothing, its result line does.
+    return run_peer("naive_faust.py", env, cores, must_exit_cleanly=False)
 
 
 def quix_streams(settings: Settings, n: int, workdir: Path) -> tuple[float, float]:
@@ -126,11 +119,20 @@ def quix_streams(settings: Settings, n: int, workdir: Path) -> tuple[float, floa
            "QUIX_STATE_DIR": str(workdir / "quix"),
            "QUIX_APP_ID": f"{settings.worker.app_id}-quix",
            "QUIX_OUT": f"{settings.kafka.events_topic}-quix-out"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "quix_peer.py")], env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
-    found = re.findall(r'\{"events":.*?\}', done.stdout)
-    if done.returncode != 0 or not found:
-        raise RuntimeError(f"quix streams run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    return run_peer("quix_peer.py", env, None, must_exit_cleanly=True)
+
+
+def run_peer(script: str, env: dict[str, str], cores: set[int] | None,
+             must_exit_cleanly: bool) -> tuple[float, float]:
+    """Run a peer in bench/ (on ``cores`` only, if given) until it prints its result line
+    ``{"events": n, "seconds": s, "cpu_seconds": c}``; (events per second, CPU seconds)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script)], env=env,
+                          capture_output=True, text=True, timeout=1800, check=False,
+                          preexec_fn=on_cores(cores))
+    # faust redirects stdout into its log, so the result line may carry a log prefix.
+    found = re.findall(r'\{"events":.*?\}', done.stdout + done.stderr)
+    if not found or (must_exit_cleanly and done.returncode != 0):
+        raise RuntimeError(f"{script} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
     result = json.loads(found[-1])
     return float(result["events"] / result["seconds"]), float(result["cpu_seconds"])
 
