@@ -665,6 +665,10 @@ class Pipeline:
         for user in done.users.values():
             s = user.state
             assert s is not None
+            if user.decision is None and self._nothing_to_attribute(user, done, rules):
+                done.result.unattributed += sum(
+                    1 for e in user.applied if e.type in rules.conversion_types)
+                continue
             steps: list[outcomes.Seen | outcomes.Opened] = [
                 outcomes.Seen(e, user.watermarks[id(e)]) for e in user.applied]
             decision = user.decision
@@ -676,8 +680,6 @@ class Pipeline:
                 steps.insert(after, opened)
                 done.pending[user.partition][opened.window.ref] = outcomes.pending_record(
                     decision, start)
-            if not steps and not s.pending:
-                continue
             start_mark = done.watermarks_before.get(user.partition)
             if start_mark is None:  # a timer's pass: no record moved the partition's time
                 start_mark = self.store.get_watermark(user.partition)
@@ -709,6 +711,18 @@ class Pipeline:
                                            result.to_json(), user.partition))
                 done.tallies[partition].setdefault(outcomes.Group.of(result),
                                                    outcomes.Tally()).add(result)
+
+    @staticmethod
+    def _nothing_to_attribute(user: _User, done: _Pass, rules: outcomes.Rules) -> bool:
+        """No decision made, and no window the user's events could convert or the batch's
+        watermark close: the walk would change nothing (most users of most batches)."""
+        assert user.state is not None
+        if not user.state.pending:
+            return True
+        if any(e.type in rules.conversion_types for e in user.applied):
+            return False
+        mark = done.watermarks.get(user.partition)
+        return mark is None or all(mark <= rules.closes_by(w) for w in user.state.pending)
 
     def _preferences(self, user_id: str, user: _User) -> Preferences | None:
         raw = self.store.get_preferences(user.partition, user_id)
@@ -805,7 +819,7 @@ class Pipeline:
         for partition, entry in done.due_windows:  # due: closed now, or never in the state
             self._deadline_index(partition).discard(entry)
         for user_id, user in done.users.items():
-            if user.state is None or (not user.windows_before and not user.state.pending):
+            if user.state is None or user.windows_before == user.state.pending:
                 continue
             index = self._deadline_index(user.partition)
             for window in user.windows_before:
