@@ -12,7 +12,8 @@ Tables (RocksDB, each with a changelog topic, all co-partitioned with `events`):
 - ``pending-outcomes``: each decision still waiting for its outcome (its user's state holds
   the window), and each partition's event-time watermark (key ``~watermark``);
 - ``outcome-counts``: closed decisions and conversions per group and arm, per partition
-  (:mod:`stream.outcomes`); its compacted changelog is what `promo report uplift` reads.
+  (:mod:`stream.outcomes`); its compacted changelog is what `promo report uplift` reads;
+- ``api-claims``: the pull API's claims by user and idempotency key (:mod:`stream.api`).
 
 A record on another partition than ``murmur2(key)`` picks (a producer with another
 partitioner) is forwarded to a repartition topic on the right one, for `events` by the batch
@@ -36,15 +37,16 @@ import faust
 import orjson
 from faust.types import TP
 
+from stream.api import Api, Ownership, tls_context
 from stream.batching import BatchingApp, BatchingConsumer, Settle
 from stream.catalog import CouponCatalog
-from stream.config import KafkaSettings, Settings, WorkerSettings
+from stream.config import ApiSettings, KafkaSettings, Settings, WorkerSettings
 from stream.contracts import Coupon, Limits, Preferences, Reason, Rejection, dead_letter
 from stream.exporter import write_snapshot
 from stream.metrics import MAX_CAMPAIGN_SERIES, Metrics
 from stream.models import ModelWatcher
 from stream.outcomes import Rules, merged, totals
-from stream.pipeline import OpenCart, Pipeline, Topics
+from stream.pipeline import Claim, ClaimAnswer, OpenCart, Pipeline, Topics
 from stream.policy import partition_budget
 from stream.topics import expected_partition, repartition_topic, sasl_password, ssl_context
 
@@ -63,6 +65,7 @@ class Worker:
     metrics: Metrics
     models: ModelWatcher
     catalog: CouponCatalog
+    api: Api
 
 
 def broker_credentials(kafka: KafkaSettings) -> Any:
@@ -78,7 +81,24 @@ def broker_credentials(kafka: KafkaSettings) -> Any:
     return None
 
 
-def faust_settings(settings: Settings) -> dict[str, Any]:
+def web_settings(api: ApiSettings, middlewares: Sequence[Any] = ()) -> dict[str, Any]:
+    """faust's web server serves the pull API (stream/api.py), and nothing else."""
+    if not api.enabled:
+        return {"web_enabled": False}
+    return {
+        "web_enabled": True, "web_bind": api.host, "web_port": api.port, "web_host": api.host,
+        "canonical_url": api.url(),  # published in the group: how other workers forward
+        "web_ssl_context": tls_context(api),
+        "web_application_options": {"middlewares": list(middlewares),
+                                    "client_max_size": api.max_body_bytes},
+        "web_cors_options": {},  # no cross-origin browser calls: the shop's server calls
+        # faust's own pages show table data, sensors and the cluster's layout: all off.
+        "web_stats_enabled": False, "web_graph_enabled": False, "web_router_enabled": False,
+        "web_tables_enabled": False, "web_metrics_enabled": False,
+    }
+
+
+def faust_settings(settings: Settings, web_middlewares: Sequence[Any] = ()) -> dict[str, Any]:
     kafka, worker = settings.kafka, settings.worker
     return {
         "broker_credentials": broker_credentials(kafka),
@@ -90,8 +110,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         # cluster) before the worker starts, and faust skips topics that exist.
         "topic_replication_factor": max(1, kafka.replication_factor),
         "processing_guarantee": worker.processing_guarantee,
-        # The worker serves Prometheus metrics itself; faust's web server is not needed.
-        "web_enabled": False,
+        **web_settings(settings.api, web_middlewares),
         "consumer_auto_offset_reset": "earliest",
         "broker_session_timeout": worker.session_timeout_seconds,
         "producer_acks": -1,
@@ -125,6 +144,7 @@ class TableStore:
         self.pending = table("pending-outcomes",
                              "Decisions waiting for their outcome, and watermarks.")
         self.counts = table("outcome-counts", "Outcome counts per group, arm and partition.")
+        self.claims = table("api-claims", "Pull API claims by user and idempotency key.")
 
     def _context(self, partition: int) -> Any:
         return self.app.partition_context(self.events_topic, partition)
@@ -226,6 +246,17 @@ class TableStore:
 
     def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None:
         self._put(self.counts, partition, records)
+
+    def get_claims(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
+        return self._get(self.claims, partition, keys)
+
+    def put_claims(self, partition: int, records: Mapping[str, bytes | None]) -> None:
+        self._put(self.claims, partition, records)
+
+    def expired_claims(self, partition: int, before_ms: int) -> list[str]:
+        """Claims made before ``before_ms``: their idempotency keys are forgotten."""
+        return [key.decode() for key, raw in self._partition_items(self.claims, partition)
+                if int(orjson.loads(raw)["at"]) < before_ms]
 
     def partition_counts(self, partition: int) -> dict[str, bytes]:
         return {key.decode(): raw for key, raw in self._partition_items(self.counts, partition)}
@@ -369,7 +400,8 @@ def set_uplift_gauges(metrics: Metrics, store: TableStore, partitions: set[int])
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     metrics = metrics or Metrics()
     kafka, worker = settings.kafka, settings.worker
-    app = BatchingApp(worker.app_id, **faust_settings(settings),
+    api = Api(settings.api, kafka.partitions, metrics)
+    app = BatchingApp(worker.app_id, **faust_settings(settings, [api.middleware]),
                       batch_max_records=worker.batch_max_events,
                       batch_linger_seconds=worker.batch_max_seconds,
                       transaction_timeout_seconds=worker.transaction_timeout_seconds)
@@ -517,4 +549,47 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     async def follow_catalog() -> None:
         await catalog.run()
 
-    return Worker(app=app, pipeline=pipeline, metrics=metrics, models=models, catalog=catalog)
+    def owners() -> dict[str, set[int]]:
+        """Each member's advertised URL and the users partitions it owns, as the group's
+        assignment published them."""
+        layout = app.router.table_metadata("users")
+        return {url: {p for partitions in topics.values() for p in partitions}
+                for url, topics in layout.items()}
+
+    async def claim(request: Claim) -> ClaimAnswer | None:
+        consumer = cast(BatchingConsumer, app.consumer)
+        async with consumer.holding_batch_lock():  # never interleave with a batch's writes
+            if not catch_up.ready or request.partition not in owned_partitions():
+                return None  # the partition moved while the claim waited
+            answer = await pipeline.claim(request, int(settings.api.idempotency_seconds * 1000))
+            if app.in_transaction and answer.partitions:
+                await consumer.commit_partitions(answer.partitions)
+            return answer
+
+    @app.timer(min(600.0, settings.api.idempotency_seconds / 10), name="forget-claims")
+    async def forget_claims() -> None:
+        if not settings.api.enabled or not catch_up.ready:
+            return
+        before_ms = int((time.time() - settings.api.idempotency_seconds) * 1000)
+        consumer = cast(BatchingConsumer, app.consumer)
+        async with consumer.holding_batch_lock():
+            forgotten = {p: store.expired_claims(p, before_ms) for p in owned_partitions()}
+            forgotten = {p: keys for p, keys in forgotten.items() if keys}
+            for partition, keys in forgotten.items():
+                store.put_claims(partition, dict.fromkeys(keys))
+            if forgotten:
+                await store.flush()
+                if app.in_transaction:
+                    await consumer.commit_partitions(set(forgotten))
+
+    if settings.api.enabled:
+        api.attach(pipeline, Ownership(ready=lambda: catch_up.ready, owned=owned_partitions,
+                                       owners=owners, claim=claim))
+        api.add_routes(cast(Any, app.web).web_app.router)  # faust's aiohttp driver
+
+        @app.on_before_shutdown.connect
+        async def close_api(*args: Any, **kwargs: Any) -> None:
+            await api.close()
+
+    return Worker(app=app, pipeline=pipeline, metrics=metrics, models=models, catalog=catalog,
+                  api=api)

@@ -217,6 +217,63 @@ class UpliftSettings:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class ApiSettings:
+    """The pull API every worker serves (stream/api.py; docs/api.md)."""
+
+    enabled: bool = False
+    host: Name = "127.0.0.1"  # the interface to bind; localhost unless an operator opens it up
+    port: Annotated[int, Field(ge=1, le=65_535)] = 8470
+    # How the other workers of the group reach this one (a request for a user this worker
+    # does not own is forwarded there); "" = http(s)://host:port.
+    advertised_url: str = ""
+    # Bearer tokens the API accepts; prefer tokens_file (one per line, read at start) or the
+    # environment (PROMO_API_TOKENS=a,b) to a settings file.
+    tokens: tuple[str, ...] = ()
+    tokens_file: str = ""
+    tls_certfile: str = ""  # both set: the API serves HTTPS only
+    tls_keyfile: str = ""
+    tls_cafile: str = ""  # trusted when forwarding to another worker over HTTPS
+    max_body_bytes: Annotated[int, Field(ge=256, le=1_048_576)] = 4096
+    # Per token, a token bucket: this many requests a second on average, bursts of `burst`.
+    rate_limit_per_second: Positive = 2000.0
+    rate_limit_burst: AtLeastOne = 400
+    request_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
+    forward_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # A claim's idempotency key answers with the same decision for this long.
+    idempotency_seconds: Annotated[float, Field(ge=60, le=30 * 86_400)] = 86_400.0
+    retry_after_seconds: Annotated[int, Field(ge=1, le=600)] = 1  # on 503 during a rebalance
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return tuple(v.strip() for v in value.split(",") if v.strip()) \
+            if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _usable(self) -> ApiSettings:
+        if self.enabled and not self.tokens and not self.tokens_file:
+            raise ValueError("the API needs a bearer token: set api.tokens_file or "
+                             "PROMO_API_TOKENS (or api.enabled = false)")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("set both api.tls_certfile and api.tls_keyfile, or neither")
+        return self
+
+    def accepted_tokens(self) -> frozenset[str]:
+        tokens = set(self.tokens)
+        if self.tokens_file:
+            tokens |= {line.strip() for line in Path(self.tokens_file).read_text().splitlines()
+                       if line.strip() and not line.startswith("#")}
+        return frozenset(tokens)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile else "http"
+
+    def url(self) -> str:
+        return self.advertised_url or f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ReplaySettings:
     datasets_dir: str = ""  # empty: $PROMO_DATASETS_DIR (see encoder/data.py)
     rate: NonNegative = 0.0  # events/s; 0 = as fast as the broker takes them
@@ -232,6 +289,7 @@ class Settings:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     uplift: UpliftSettings = field(default_factory=UpliftSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     def datasets_dir(self) -> Path:
         from encoder.data import default_datasets_dir
@@ -243,7 +301,7 @@ class Settings:
 _SECTION_TYPES: dict[str, type[Any]] = {
     "kafka": KafkaSettings, "contract": ContractSettings, "worker": WorkerSettings,
     "replay": ReplaySettings, "policy": PolicyConfig, "attribution": AttributionSettings,
-    "uplift": UpliftSettings}
+    "uplift": UpliftSettings, "api": ApiSettings}
 
 
 class ConfigError(ValueError):
@@ -297,7 +355,8 @@ def load_settings(path: str | Path | None = None,
     return Settings(**built)
 
 
-_NOT_SETTINGS = {"PROMO_CONFIG", "PROMO_DATASETS_DIR", "PROMO_LOG_SALT", "PROMO_SOAK"}
+_NOT_SETTINGS = {"PROMO_CONFIG", "PROMO_DATASETS_DIR", "PROMO_LOG_SALT", "PROMO_SOAK",
+                 "PROMO_API_TOKEN"}  # the client's token (`promo offers`), not a setting
 
 
 def _explain(section: str, error: ValidationError,
@@ -329,14 +388,18 @@ def as_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _secret(name: str) -> bool:
+    return ("password" in name or name == "tokens") and not name.endswith("_file")
+
+
 def as_toml(settings: Settings) -> str:
     """The effective settings as TOML (secrets masked), for `promo config`."""
     lines: list[str] = []
     for section in dataclasses.fields(settings):
         lines.append(f"[{section.name}]")
         for name, value in dataclasses.asdict(getattr(settings, section.name)).items():
-            if "password" in name and value and not name.endswith("_file"):
-                value = "***"
+            if _secret(name) and value:
+                value = tuple("***" for _ in value) if isinstance(value, tuple) else "***"
             if isinstance(value, bool):
                 rendered = "true" if value else "false"
             elif isinstance(value, int | float):

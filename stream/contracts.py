@@ -504,6 +504,7 @@ class TriggerKind(enum.StrEnum):
     REPEAT_VIEWS = "repeat_views"  # several views of one item: purchase intent
     CART_ABANDONED = "cart_abandoned"  # found by the worker's timer, not by an event
     VISIT = "visit"  # every event: only the offline simulator's every-event baselines
+    ON_SITE = "on_site"  # the shop claimed an offer through the pull API (stream/api.py)
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,19 @@ from stream.contracts import EVENT_TYPES, Action, Arm, Outcome, Reason, TriggerK
 # `*_created` series double the exposition for no use on dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+API_ENDPOINTS = ("offers", "claim", "vector")  # the ones a dashboard shows from the start
 ACTIONS = tuple(Action)
 ARMS = tuple(Arm)
-TRIGGERS = (TriggerKind.CART_ADD, TriggerKind.REPEAT_VIEWS, TriggerKind.CART_ABANDONED)
+TRIGGERS = (TriggerKind.CART_ADD, TriggerKind.REPEAT_VIEWS, TriggerKind.CART_ABANDONED,
+            TriggerKind.ON_SITE)
 # Micro-batches and encoder calls take milliseconds to a few seconds.
 BATCH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 # Event time to decision published: the product promises seconds.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
+# A pull API answer is due in milliseconds (a cart page waits for it).
+API_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25,
+                       0.5, 1.0, 2.5)
 STATE_BYTES_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 896, 1024, 1536, 2048)
 # A shop runs a handful of campaigns at a time; past this many, only the ones with the least
 # budget left get a series (what the budget alert and panel look at).
@@ -169,6 +174,18 @@ class Metrics:
             "Of promo_uplift_decisions, those whose user converted in the window.",
             ["campaign", "arm"], registry=r)
         self._campaigns: set[str] = set()
+        # The pull API (stream/api.py); `endpoint` is one of api.ENDPOINTS' values or "other".
+        self.api_requests = Counter(
+            "promo_api_requests", "Pull API requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"], registry=r)
+        self.api_request_seconds = Histogram(
+            "promo_api_request_duration_seconds",
+            "Pull API time from request to answer (forwarding included), by endpoint.",
+            ["endpoint"], buckets=API_SECONDS_BUCKETS, registry=r)
+        self.api_forwarded = Counter(
+            "promo_api_forwarded",
+            "Pull API requests forwarded to the worker that owns the user, by endpoint.",
+            ["endpoint"], registry=r)
         self.worker_ready = Gauge(
             "promo_worker_ready",
             "1 once the worker owns its partitions, its tables have recovered and the "
@@ -185,6 +202,9 @@ class Metrics:
                 self.decisions.labels(action=action, arm=arm)
         for kind in TRIGGERS:
             self.triggers.labels(kind=kind)
+        for endpoint in API_ENDPOINTS:
+            self.api_requests.labels(endpoint=endpoint, status="200")
+            self.api_request_seconds.labels(endpoint=endpoint)
         for stage in ("load", "inference"):
             self.encoder_failures.labels(stage=stage)
         for action in ACTIONS:

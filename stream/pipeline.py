@@ -58,7 +58,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -150,6 +150,9 @@ class Store(Protocol):
     def put_watermark(self, partition: int, watermark: int) -> None: ...
     def get_counts(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]: ...
     def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None: ...
+    # The pull API's claims by idempotency key (``Claim.store_key``).
+    def get_claims(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]: ...
+    def put_claims(self, partition: int, records: Mapping[str, bytes | None]) -> None: ...
     async def flush(self) -> None: ...
 
 
@@ -215,8 +218,48 @@ class BatchResult:
         return self
 
 
-#: What one pass works on: a consumed record, or a cart the timer found due.
-Work = Record | OpenCart
+@dataclass(frozen=True)
+class Claim:
+    """A shop claims an offer for a user (the pull API): decided like a stream trigger, under
+    the client's idempotency key."""
+
+    partition: int
+    user_id: str
+    key: str
+
+    @property
+    def store_key(self) -> str:
+        """The ``api-claims`` table's key: the user's, so it lives on the user's partition."""
+        return f"{self.user_id}\x1f{self.key}"
+
+    def trigger(self, now_ms: int) -> Trigger:
+        # Named by the key: the same key decides again under the same decision id.
+        return Trigger(TriggerKind.ON_SITE, f"claim:{self.key}", (), now_ms)
+
+
+@dataclass(frozen=True)
+class ClaimAnswer:
+    decision: dict[str, Any] | None  # as published on `decisions`; None: consent allows none
+    replayed: bool  # the key was claimed before: the decision made then
+    partitions: set[int]  # written to (committed now under exactly-once)
+
+
+@dataclass(frozen=True)
+class Preview:
+    decision: Decision | None  # None: consent allows no offer at all
+    known: bool  # the worker holds state for the user (else the cold-start answer)
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    vector: np.ndarray  # float16
+    model_version: str
+    updated_at: int | None  # event time (ms) of the newest event it saw; None: not the last
+    current: bool  # the serving model computed it from every event of the user's state
+
+
+#: What one pass works on: a consumed record, a cart the timer found due, or an API claim.
+Work = Record | OpenCart | Claim
 
 
 @dataclass
@@ -225,6 +268,7 @@ class _User:
     events: list[Event] = field(default_factory=list)
     sources: dict[int, Record] = field(default_factory=dict)  # id(event) -> its record
     due_cart: OpenCart | None = None
+    claim: Claim | None = None
     state: UserState | None = None
     before: bytes | None = None
     cart_was_due: bool = False  # an open-carts entry exists for this user
@@ -255,6 +299,8 @@ class _Pass:
     tallies: dict[int, dict[outcomes.Group, outcomes.Tally]] = field(
         default_factory=lambda: defaultdict(dict))
     due_windows: list[tuple[int, tuple[int, str]]] = field(default_factory=list)  # index entries
+    claims: dict[int, dict[str, bytes | None]] = field(
+        default_factory=lambda: defaultdict(dict))  # api-claims entries to write
 
 
 class Pipeline:
@@ -322,6 +368,65 @@ class Pipeline:
         await self.store.flush()
         return result
 
+    def preview(self, user_id: str, partition: int, push_items: int | None = None) -> Preview:
+        """What the policy would decide for the user now, on the same code and state as a
+        decision, changing nothing: no budget reserved, no cap counted, nothing published."""
+        now_ms = int(self.clock() * 1000)
+        raw = self.store.get_users(partition, [user_id]).get(user_id)
+        user = _User(partition, before=raw,
+                     state=state.decode(raw) if raw else UserState())
+        budgets = self._load_budgets({user_id: user})  # fresh objects: decide may reserve
+        config = self.policy_config
+        if push_items is not None:
+            config = replace(config, push_items=push_items)
+        assert user.state is not None
+        ctx = policy.Context(config=config, coupons=self.coupons(),
+                             budgets=budgets.setdefault(partition, {}),
+                             model=self.model.encoder, now_ms=now_ms)
+        vector = self._current_vector(user)
+        decision = policy.decide(user_id, user.state, vector,
+                                 Trigger(TriggerKind.ON_SITE, "preview", (), now_ms),
+                                 self._preferences(user_id, user), ctx,
+                                 vector_stale=vector is not None and user.state.vector_stale)
+        return Preview(decision, known=raw is not None)
+
+    def vector(self, user_id: str, partition: int) -> StoredVector | None:
+        """The user's vector as the state holds it, or None (no state, or no vector yet)."""
+        raw = self.store.get_users(partition, [user_id]).get(user_id)
+        s = state.decode(raw) if raw else None
+        if s is None or s.vector is None:
+            return None
+        encoder = self.model.encoder
+        return StoredVector(
+            s.vector, s.model_version,
+            updated_at=s.last_ts_s * 1000 if not s.vector_stale else None,
+            current=encoder is not None and encoder.model_version == s.model_version
+            and not s.vector_stale)
+
+    async def claim(self, claim: Claim, remember_ms: int) -> ClaimAnswer:
+        """Decide for a shop's claim and publish it, as for a stream trigger: budgets and caps
+        apply and are spent, the decision goes to `decisions` and opens its attribution
+        window. A key claimed within ``remember_ms`` answers with the decision made then.
+
+        Raises what deciding raised (the caller answers with an error; nothing is written).
+        """
+        started = time.perf_counter()
+        now_ms = int(self.clock() * 1000)
+        raw = self.store.get_claims(claim.partition, [claim.store_key]).get(claim.store_key)
+        if raw is not None:
+            body = orjson.loads(raw)
+            if now_ms - int(body["at"]) < remember_ms:
+                return ClaimAnswer(body["decision"], replayed=True, partitions=set())
+        done = await self._compute([claim], now_ms)
+        decision = done.users[claim.user_id].decision
+        published = orjson.loads(decision.to_json()) if decision else None
+        done.claims[claim.partition][claim.store_key] = orjson.dumps(
+            {"at": now_ms, "decision": published})
+        await self._write(done)
+        self._count([claim], done, started)
+        await self.store.flush()
+        return ClaimAnswer(published, replayed=False, partitions=done.result.partitions)
+
     # --- one pass, retried, then isolated -------------------------------------------------
 
     async def _run(self, work: list[Work], retries: int) -> BatchResult:
@@ -359,6 +464,8 @@ class Pipeline:
         log.error("processing failed; dead-lettered as processing_error",
                   exc_info=failure, extra={"source": _describe(item)})
         done.rejected[Reason.PROCESSING_ERROR.value] += 1
+        if isinstance(item, Claim):
+            raise failure  # a claim is not a record to dead-letter: its caller hears of it
         if isinstance(item, OpenCart):
             done.outputs.append(self._timer_dead_letter(item, error, type(failure).__name__,
                                                         now_ms))
@@ -379,6 +486,8 @@ class Pipeline:
             if isinstance(item, OpenCart):
                 user = done.users.setdefault(item.user_id, _User(item.partition))
                 user.due_cart = item
+            elif isinstance(item, Claim):
+                done.users.setdefault(item.user_id, _User(item.partition)).claim = item
             else:
                 self._route(item, done)
         self._add_due_windows(done)
@@ -542,6 +651,10 @@ class Pipeline:
         for user_id, user in done.users.items():
             s = user.state
             assert s is not None
+            if user.claim is not None:
+                fired[user_id] = user.claim.trigger(done.now_ms)
+                done.triggers[TriggerKind.ON_SITE] += 1
+                continue
             cart = user.due_cart
             if cart is not None and policy.cart_abandoned(s, done.now_ms, cfg) \
                     and s.cart_ts_ms == cart.ts_ms:
@@ -792,9 +905,12 @@ class Pipeline:
             if open_carts:
                 self.store.set_open_carts(partition, open_carts)
         self._write_attribution(done)
+        for partition, claims in done.claims.items():
+            self.store.put_claims(partition, claims)
         done.result.partitions = ({o.source_partition for o in done.outputs}
                                   | set(by_partition) | {p for p, c in done.carts.items() if c}
-                                  | {p for p, r in done.pending.items() if r})
+                                  | {p for p, r in done.pending.items() if r}
+                                  | {p for p, c in done.claims.items() if c})
         self._index_windows(done)
 
     def _write_attribution(self, done: _Pass) -> None:
@@ -847,7 +963,7 @@ class Pipeline:
 
     def _count(self, work: Sequence[Work], done: _Pass, started: float) -> None:
         m, result = self.metrics, done.result
-        records = sum(1 for item in work if not isinstance(item, OpenCart))
+        records = sum(1 for item in work if not isinstance(item, OpenCart | Claim))
         result.events = sum(done.by_type.values())
         result.rejected = sum(done.rejected.values())
         result.duplicates = done.rejected.get(Reason.DUPLICATE_EVENT.value, 0)
@@ -896,13 +1012,13 @@ TIMER_SOURCE = "timer:cart_abandoned"
 
 
 def _work_key(item: Work) -> bytes | None:
-    return item.user_id.encode() if isinstance(item, OpenCart) else item.key
+    return item.user_id.encode() if isinstance(item, OpenCart | Claim) else item.key
 
 
 def _describe(item: Work) -> dict[str, Any]:
-    if isinstance(item, OpenCart):
-        return {"topic": TIMER_SOURCE, "partition": item.partition,
-                "user": user_ref(item.user_id)}
+    if isinstance(item, OpenCart | Claim):
+        return {"topic": TIMER_SOURCE if isinstance(item, OpenCart) else "api:claim",
+                "partition": item.partition, "user": user_ref(item.user_id)}
     return {"topic": item.topic, "partition": item.partition, "offset": item.offset}
 
 

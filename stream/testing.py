@@ -54,6 +54,7 @@ class MemoryStore:
     pending: dict[int, dict[str, bytes]] = field(default_factory=dict)
     watermarks: dict[int, int] = field(default_factory=dict)
     counts: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    claims: dict[int, dict[str, bytes]] = field(default_factory=dict)
 
     @staticmethod
     def _get(table: dict[int, dict[str, bytes]], partition: int,
@@ -121,6 +122,12 @@ class MemoryStore:
 
     def put_counts(self, partition: int, records: Mapping[str, bytes]) -> None:
         self._put(self.counts, partition, records)
+
+    def get_claims(self, partition: int, keys: Sequence[str]) -> dict[str, bytes]:
+        return self._get(self.claims, partition, keys)
+
+    def put_claims(self, partition: int, records: Mapping[str, bytes | None]) -> None:
+        self._put(self.claims, partition, records)
 
     def all_counts(self) -> dict[str, bytes]:
         """Every partition's counts, as `promo report uplift` reads the changelog."""

@@ -96,7 +96,7 @@ class TopicSpec:
 #: `events`). Their changelogs are created before the worker joins its group (see
 #: :func:`ensure_topics`).
 TABLES = ("users", "coupon-budgets", "open-carts", "preferences", "pending-outcomes",
-          "outcome-counts")
+          "outcome-counts", "api-claims")
 
 
 def changelog_topic(app_id: str, table: str) -> str:

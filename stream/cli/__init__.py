@@ -3,9 +3,9 @@
 One module per command group: :mod:`~stream.cli.broker` (a local Kafka),
 :mod:`~stream.cli.streaming` (worker, replay, export-events, demo),
 :mod:`~stream.cli.campaigns` (coupons, preferences), :mod:`~stream.cli.model` (train,
-evaluate, publish, simulate), :mod:`~stream.cli.observe` (report, report uplift) and
-:mod:`~stream.cli.shop` (shop-sim). Shared options live in
-:mod:`~stream.cli.common`.
+evaluate, publish, simulate), :mod:`~stream.cli.observe` (report, report uplift),
+:mod:`~stream.cli.shop` (shop-sim) and :mod:`~stream.cli.offers` (the pull API). Shared
+options live in :mod:`~stream.cli.common`.
 
 A failure a user can cause (a broker not running, a port taken, a bad setting, a missing file)
 is one line on stderr saying what to do, and a non-zero exit; ``promo --debug`` shows the
@@ -19,7 +19,7 @@ import sys
 import click
 
 from stream import logs
-from stream.cli import broker, campaigns, model, observe, shop, streaming
+from stream.cli import broker, campaigns, model, observe, offers, shop, streaming
 from stream.cli.common import Context, pass_context
 
 
@@ -96,6 +96,6 @@ def show_config(context: Context) -> None:
     click.echo(as_toml(context.settings), nl=False)
 
 
-for _module in (broker, streaming, campaigns, model, observe, shop):
+for _module in (broker, streaming, campaigns, model, observe, shop, offers):
     for _command in _module.COMMANDS:
         main.add_command(_command)

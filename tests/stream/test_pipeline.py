@@ -309,3 +309,93 @@ def test_a_holdout_user_is_capped_as_if_the_decisions_had_been_sent() -> None:
     assert outcomes_by_arm["holdout"] == outcomes_by_arm["treatment"]
     assert outcomes_by_arm["holdout"][0] == "coupon"
     assert "coupon_daily_cap" in outcomes_by_arm["holdout"][2]
+
+
+# --- the pull API's preview and claim (stream/api.py serves them) -----------------------------
+
+WELCOME = Coupon("welcome", 5.0, budget=10.0)  # two coupons' worth, store-wide
+
+
+def known_users(h: Harness, n: int) -> list[str]:
+    """``n`` users with a few views each, applied (no triggers fired: views of distinct items)."""
+    users = [f"shopper-{i}" for i in range(n)]
+    h.run(records(h, [Event(f"{u}-v{k}", u, "view", ITEMS[k], NOON - 60_000 + k)
+                      for u in users for k in range(4)]))
+    return users
+
+
+def test_a_preview_is_what_decide_returns_for_the_same_state_and_changes_nothing() -> None:
+    h = Harness(policy=CART, now_ms=NOON, encoder=tiny_encoder(ITEMS), coupons=[WELCOME])
+    users = known_users(h, 6)
+    before = (dict(h.store.users), dict(h.store.budgets), len(h.sink.sent))
+    for user in [*users, "never-seen"]:
+        partition = expected_partition(user.encode(), h.partitions)
+        preview = h.pipeline.preview(user, partition)
+        raw = h.store.users.get(partition, {}).get(user)
+        s = state.decode(raw) if raw else state.UserState()
+        # The vector the serving model made (a vector of another model is not used).
+        vector = s.vector if s.model_version == h.model.encoder.model_version else None
+        ctx = policy.Context(config=CART, coupons={"welcome": WELCOME},
+                             budgets={"welcome": policy.partition_budget(WELCOME, partition, 2)},
+                             model=h.model.encoder, now_ms=NOON)
+        expected = policy.decide(user, s, vector, contracts.Trigger(
+            contracts.TriggerKind.ON_SITE, "preview", (), NOON), None, ctx,
+            vector_stale=vector is not None and s.vector_stale)
+        assert preview.decision == expected
+        assert preview.known == (raw is not None)
+    assert (dict(h.store.users), dict(h.store.budgets), len(h.sink.sent)) == before
+
+
+def test_a_claim_publishes_one_decision_per_idempotency_key_and_spends_budget_once() -> None:
+    h = Harness(policy=CART, now_ms=NOON, encoder=tiny_encoder(ITEMS), coupons=[WELCOME])
+    [user] = known_users(h, 1)
+    partition = expected_partition(user.encode(), h.partitions)
+    claim = pipeline_module.Claim(partition, user, "order-1")
+    first = asyncio_run(h.pipeline.claim(claim, remember_ms=86_400_000))
+    again = asyncio_run(h.pipeline.claim(claim, remember_ms=86_400_000))
+    assert first.decision is not None and not first.replayed
+    assert again.replayed and again.decision == first.decision
+    published = [d for d in h.decisions() if d["trigger_event_id"] == "claim:order-1"]
+    assert published == [first.decision]
+    assert first.decision["action"] == "coupon"
+    assert orjson.loads(h.store.budgets[partition]["welcome"])["exposures"] == 1
+    assert first.decision["decision_id"] in {o for o in _pending_ids(h)}  # attribution opened
+
+
+def test_claims_never_spend_more_than_the_budget() -> None:
+    h = Harness(policy=dataclasses.replace(CART, coupon_min_interval_seconds=0,
+                                           coupon_daily_cap=100),
+                now_ms=NOON, encoder=tiny_encoder(ITEMS), coupons=[WELCOME])
+    users = known_users(h, 12)
+    coupons = 0
+    for n, user in enumerate(users):
+        partition = expected_partition(user.encode(), h.partitions)
+        answer = asyncio_run(h.pipeline.claim(pipeline_module.Claim(partition, user, f"k{n}"),
+                                              remember_ms=86_400_000))
+        coupons += answer.decision is not None and answer.decision["action"] == "coupon"
+    spent = sum(orjson.loads(b["welcome"])["spent"] for b in h.store.budgets.values()
+                if "welcome" in b)
+    assert spent <= WELCOME.budget and coupons == spent / WELCOME.value >= 1
+
+
+def test_a_claim_after_the_key_is_forgotten_decides_again_under_the_same_id() -> None:
+    h = Harness(policy=CART, now_ms=NOON, encoder=tiny_encoder(ITEMS))
+    [user] = known_users(h, 1)
+    claim = pipeline_module.Claim(expected_partition(user.encode(), 2), user, "k")
+    first = asyncio_run(h.pipeline.claim(claim, remember_ms=60_000))
+    h.now_ms += 61_000
+    later = asyncio_run(h.pipeline.claim(claim, remember_ms=60_000))
+    assert not later.replayed
+    assert later.decision is not None and first.decision is not None
+    assert later.decision["decision_id"] == first.decision["decision_id"]
+
+
+def _pending_ids(h: Harness) -> set[str]:
+    return {orjson.loads(raw)["decision_id"] for mine in h.store.pending.values()
+            for raw in mine.values()}
+
+
+def asyncio_run(coroutine: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coroutine)

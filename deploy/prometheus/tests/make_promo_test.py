@@ -87,6 +87,15 @@ def cases() -> list[Case]:
             'promo_stream_records_rejected_total{reason="not_json"}': "0+1x30",
             'promo_stream_events_consumed_total{type="view"}': "0+99x30"}, [
             _quiet("PromoDeadLetterRateHigh", "25m")]),
+        _case("pull API answering 10% server errors fires", "1m", {
+            'promo_api_requests_total{endpoint="offers",status="200"}': "0+90x30",
+            'promo_api_requests_total{endpoint="offers",status="503"}': "0+10x30"}, [
+            _firing("PromoApiErrorsHigh", {"severity": "warning"}, "25m",
+                    **{PERCENT: "10%"})]),
+        _case("pull API client errors (401, 400) stay quiet", "1m", {
+            'promo_api_requests_total{endpoint="offers",status="200"}': "0+50x30",
+            'promo_api_requests_total{endpoint="offers",status="401"}': "0+50x30"}, [
+            _quiet("PromoApiErrorsHigh", "25m")]),
         # 100 decisions a minute: 90 within 0.5 s, the other 10 between 5 and 10 s.
         _case("p99 latency over five seconds fires", "1m", {
             'promo_decision_latency_seconds_bucket{le="0.5"}': "0+90x30",
