@@ -12,6 +12,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -27,6 +28,7 @@ from deploy.kafka import launcher
 from encoder.data import Interaction, load_dataset
 from stream.config import Settings, as_environment, load_settings
 from stream.replay import produce
+from stream.topics import ensure_topics
 
 PROMO = str(Path(sys.executable).with_name("promo"))
 
@@ -252,3 +254,29 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
                              "local broker for the run]")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="encoder checkpoint for the worker [default: train one epoch]")
+
+
+def rate_beside_producer(settings: Settings, n: int, workdir: Path, checkpoint: Path,
+                         ) -> tuple[float, float]:
+    """(worker's events/s, producer's events/s) while n events are produced unthrottled."""
+    asyncio.run(ensure_topics(settings.kafka))
+    worker = start_worker(settings, workdir, checkpoint, "max-worker")
+    try:
+        worker.wait_ready()
+        produced: list[float] = []
+
+        def send() -> None:
+            started = time.perf_counter()
+            asyncio.run(produce(settings.kafka, real_events(n), id_prefix="max", clock="now",
+                                progress=False))
+            produced.append(n / (time.perf_counter() - started))
+
+        producer = threading.Thread(target=send, daemon=True)
+        producer.start()
+        rate = processing_rate([worker], n, timeout=600)
+        producer.join(timeout=60)
+        if not produced:
+            raise RuntimeError("the replay producer did not finish")
+        return rate, produced[0]
+    finally:
+        worker.stop()

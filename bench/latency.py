@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,8 @@ from _stream import (
     accounted,
     add_worker_options,
     broker,
-    processing_rate,
     quick_checkpoint,
+    rate_beside_producer,
     real_events,
     start_worker,
     stream_facts,
@@ -78,32 +77,6 @@ async def read_topic(settings: Settings, topic: str) -> list[Any]:
         return records
     finally:
         await consumer.stop()
-
-
-def rate_beside_producer(settings: Settings, n: int, workdir: Path, checkpoint: Path,
-                         ) -> tuple[float, float]:
-    """(worker's events/s, producer's events/s) while n events are produced unthrottled."""
-    asyncio.run(ensure_topics(settings.kafka))
-    worker = start_worker(settings, workdir, checkpoint, "max-worker")
-    try:
-        worker.wait_ready()
-        produced: list[float] = []
-
-        def send() -> None:
-            started = time.perf_counter()
-            asyncio.run(produce(settings.kafka, real_events(n), id_prefix="max", clock="now",
-                                progress=False))
-            produced.append(n / (time.perf_counter() - started))
-
-        producer = threading.Thread(target=send, daemon=True)
-        producer.start()
-        rate = processing_rate([worker], n, timeout=600)
-        producer.join(timeout=60)
-        if not produced:
-            raise RuntimeError("the replay producer did not finish")
-        return rate, produced[0]
-    finally:
-        worker.stop()
 
 
 def latencies(settings: Settings) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from stream.config import ApiSettings
 from stream.contracts import MAX_ID_LENGTH, Arm
@@ -336,7 +337,9 @@ class Api:
         headers[FORWARDED_HEADER] = self.own_url
         try:
             async with self._session().request(
-                    request.method, owner + request.rel_url.path_qs, headers=headers,
+                    # The path as it came: a user id may hold an encoded "/" or "%".
+                    request.method, URL(owner + request.raw_path, encoded=True),
+                    headers=headers,
                     data=await request.read()) as answer:
                 body = await answer.read()
                 kept = {name: answer.headers[name] for name in (

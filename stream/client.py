@@ -14,6 +14,7 @@ API's error code and message.
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from types import TracebackType
@@ -33,10 +34,12 @@ class ApiError(Exception):
 
 class OffersClient:
     def __init__(self, base_url: str, token: str, *, timeout: float = 2.0,
-                 retries: int = 3, max_wait: float = 5.0, verify: str | bool = True) -> None:
+                 retries: int = 3, max_wait: float = 5.0,
+                 verify: str | bool = True) -> None:  # str: a CA file to trust
         self.retries, self.max_wait = retries, max_wait
+        trust = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {token}"}, verify=verify)
+                                  headers={"Authorization": f"Bearer {token}"}, verify=trust)
 
     def __enter__(self) -> OffersClient:
         return self

@@ -3,7 +3,8 @@
 train (or reuse) a small encoder on real data -> local KRaft broker -> a coupon catalog and a
 few users' preferences -> `promo worker` subprocess -> replay of a real dataset slice (plus a
 few malformed records, to show the dead-letter path) -> wait until the worker has accounted for
-every record -> print what happened and a few decisions with their reasons -> stop.
+every record -> print what happened, a few decisions with their reasons, and one question to the
+pull API -> stop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -125,6 +127,8 @@ def run_demo(settings: Settings, *, dataset: str, rows: list[Interaction], limit
     settings = dataclasses.replace(
         settings,
         kafka=dataclasses.replace(settings.kafka, bootstrap_servers=cluster.bootstrap_servers),
+        api=dataclasses.replace(settings.api, enabled=True, port=launcher.free_port(),
+                                tokens=(secrets.token_urlsafe(16),)),
         worker=dataclasses.replace(settings.worker, data_dir=str(workdir / "worker"),
                                    metrics_port=metrics_port, checkpoint=str(checkpoint)),
         # Replayed users have no time zone; at night in the default one quiet hours would hold
@@ -166,6 +170,7 @@ def run_demo(settings: Settings, *, dataset: str, rows: list[Interaction], limit
         time.sleep(max(settings.policy.cart_abandon_seconds + 2, 6))
         say("6/6 what happened")
         _summary(settings, _scrape(url), result.produced, result.seconds, coupons, url)
+        _ask_the_api(settings, rows[-1].user_id)
         if keep_running:
             say("running until Ctrl-C (broker and worker stay up)")
             try:
@@ -241,6 +246,18 @@ def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced:
         echo(f"                 reasons: {reasons}")
     echo(f"  model {decisions[0]['model_version'] if decisions else '-'}, "
          f"metrics were served at {url}")
+
+
+def _ask_the_api(settings: Settings, user_id: str) -> None:
+    """One pull-API question, as a shop's cart page would ask it (docs/api.md)."""
+    from stream.client import OffersClient
+
+    with OffersClient(settings.api.url(), settings.api.tokens[0]) as client:
+        offer = client.offers(user_id, limit=3)
+    shown = offer["coupon"] or offer["items"] or "-"
+    click.echo(f"  pull API {settings.api.url()}: GET /v1/users/{user_id}/offers -> "
+               f"{offer['action']} {orjson.dumps(shown).decode()} ({offer['arm']}; "
+               f"reasons: {', '.join(r['code'] for r in offer['reasons'])})")
 
 
 async def _publish_setup(settings: Settings, coupons: list[Coupon],

@@ -299,6 +299,7 @@ class _Pass:
     tallies: dict[int, dict[outcomes.Group, outcomes.Tally]] = field(
         default_factory=lambda: defaultdict(dict))
     due_windows: list[tuple[int, tuple[int, str]]] = field(default_factory=list)  # index entries
+    turns: _Turns = field(default_factory=lambda: _Turns())
     claims: dict[int, dict[str, bytes | None]] = field(
         default_factory=lambda: defaultdict(dict))  # api-claims entries to write
 
@@ -490,8 +491,9 @@ class Pipeline:
                 done.users.setdefault(item.user_id, _User(item.partition)).claim = item
             else:
                 self._route(item, done)
+            await done.turns.take()
         self._add_due_windows(done)
-        self._load_and_apply(done)
+        await self._load_and_apply(done)
         changed = {uid: u for uid, u in done.users.items() if u.applied}
         encoder = self.model.encoder
         due = {uid: u for uid, u in done.users.items() if u.due_cart is not None}
@@ -502,8 +504,9 @@ class Pipeline:
         fired = self._triggers(done)
         done.budgets = self._load_budgets({uid: done.users[uid] for uid in fired})
         rankings = self._rank_pushes(done.users, fired, now_ms)
-        self._decide_all(done, fired, rankings)
-        self._attribute(done)
+        await done.turns.take()
+        await self._decide_all(done, fired, rankings)
+        await self._attribute(done)
         self._note_open_carts(done)
         return done
 
@@ -563,7 +566,7 @@ class Pipeline:
                            body["user_id"]))
         return index
 
-    def _load_and_apply(self, done: _Pass) -> None:
+    async def _load_and_apply(self, done: _Pass) -> None:
         by_partition: dict[int, list[str]] = defaultdict(list)
         for user_id, user in done.users.items():
             by_partition[user.partition].append(user_id)
@@ -578,6 +581,7 @@ class Pipeline:
                 user.windows_before = list(user.state.pending)
                 if user.events:
                     self._apply(user_id, user, done)
+                await done.turns.take()
 
     def _apply(self, user_id: str, user: _User, done: _Pass) -> None:
         s = user.state
@@ -730,11 +734,12 @@ class Pipeline:
             return {}
         return dict(zip(ids, ranked, strict=True))
 
-    def _decide_all(self, done: _Pass, fired: Mapping[str, Trigger],
-                    rankings: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    async def _decide_all(self, done: _Pass, fired: Mapping[str, Trigger],
+                          rankings: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """The one decide loop, for stream- and timer-triggered decisions alike: a decision
         that raises is dead-lettered with what triggered it and costs nothing else."""
         for user_id, trigger in fired.items():
+            await done.turns.take()
             user = done.users[user_id]
             s = user.state
             assert s is not None
@@ -767,7 +772,7 @@ class Pipeline:
             done.outputs.append(Output(self.topics.decisions, user_id.encode(),
                                        decision.to_json(), user.partition))
 
-    def _attribute(self, done: _Pass) -> None:
+    async def _attribute(self, done: _Pass) -> None:
         """Open a window per decision, convert or close windows (:mod:`stream.outcomes`), and
         turn each closed window into its outcome and counts."""
         rules = self.attribution
@@ -776,6 +781,7 @@ class Pipeline:
         abandon_ms = int(self.policy_config.cart_abandon_seconds * 1000)
         closings: dict[int, list[tuple[_User, outcomes.Closing]]] = defaultdict(list)
         for user in done.users.values():
+            await done.turns.take()
             s = user.state
             assert s is not None
             if user.decision is None and self._nothing_to_attribute(user, done, rules):
@@ -892,6 +898,7 @@ class Pipeline:
             await asyncio.gather(*deliveries)  # a failed send raises: the batch is not acked
         by_partition: dict[int, dict[str, bytes]] = defaultdict(dict)
         for user_id, user in done.users.items():
+            await done.turns.take()
             assert user.state is not None
             encoded = state.encode(user.state)
             if encoded != user.before:
@@ -1005,6 +1012,22 @@ class Pipeline:
         totals, self.totals = self.totals, Counter()
         log.info("summary", extra={key: totals.get(key, 0) for key in (
             "records", "events", "rejected", "decisions", "sent", "outcomes", "batches")})
+
+
+class _Turns:
+    """Hands the event loop back to its other work (the pull API's requests, heartbeats,
+    the preferences agent) once a pass has held it for ``slice_seconds``: a pass over a
+    micro-batch is tens of milliseconds of CPU, and a request that arrives meanwhile would
+    wait for all of it."""
+
+    def __init__(self, slice_seconds: float = 0.002) -> None:
+        self.slice_seconds = slice_seconds
+        self.since = time.perf_counter()
+
+    async def take(self) -> None:
+        if time.perf_counter() - self.since >= self.slice_seconds:
+            await asyncio.sleep(0)
+            self.since = time.perf_counter()
 
 
 #: The dead-letter ``source.topic`` of a cart-abandonment decision that raised.

@@ -120,6 +120,24 @@ class PromoProcess:
         return self.proc.returncode
 
 
+def certificate_for_localhost(workdir: Path, name: str) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 and localhost signed by it, made with openssl:
+    (ca.pem, <name>.pem, <name>.pk8: its PKCS#8 key)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True)
+
+    if not (workdir / "ca.pem").exists():
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                "/CN=promo-test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+    (workdir / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem")
+    openssl("pkcs8", "-topk8", "-nocrypt", "-in", f"{name}.key", "-out", f"{name}.pk8")
+    return workdir / "ca.pem", workdir / f"{name}.pem", workdir / f"{name}.pk8"
+
+
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.25, what: str = "") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -34,7 +34,7 @@ def test_every_subcommand_has_help(path: tuple[str, ...]) -> None:
 def test_the_expected_commands_exist() -> None:
     names = {" ".join(p) for p in all_commands(main)}
     assert {"broker start", "broker stop", "broker status", "replay", "worker", "demo", "train",
-            "evaluate", "config", "report", "report uplift", "shop-sim"} <= names
+            "evaluate", "config", "report", "report uplift", "shop-sim", "offers"} <= names
 
 
 def test_config_prints_effective_settings() -> None:
@@ -85,3 +85,17 @@ def test_shop_sim_offline_rehearses_a_campaign_file_with_no_broker(tmp_path: Pat
     row = truth["truth"]["campaigns"]["five-off"]
     assert row["treatment"]["decisions"] > 0 and row["true_lift"] > 0
     assert "five-off" in result.output and "true lift" in result.output
+
+
+def test_offers_says_what_is_missing_in_one_line() -> None:
+    no_token = CliRunner().invoke(main, ["offers", "u-1"], env={"PROMO_API_TOKEN": ""})
+    assert no_token.exit_code == 1 and "no API token" in no_token.output
+    nobody = CliRunner().invoke(main, ["offers", "u-1", "--url", "http://127.0.0.1:9",
+                                       "--token", "t"])
+    assert nobody.exit_code == 1 and "cannot reach http://127.0.0.1:9" in nobody.output
+
+
+def test_config_masks_api_tokens() -> None:
+    result = CliRunner().invoke(main, ["config"], env={"PROMO_API_TOKENS": "s3cret,other"})
+    assert result.exit_code == 0
+    assert "s3cret" not in result.output and 'tokens = ["***", "***"]' in result.output

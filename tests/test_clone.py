@@ -37,5 +37,7 @@ def test_the_demo_runs_from_a_clone_with_nothing_beside_it(tmp_path: Path) -> No
     closed = re.search(r"([\d,]+)  treatment decisions closed, ([\d,]+) converted", done.stdout)
     assert closed and int(closed[1].replace(",", "")) > 0, done.stdout[-3000:]
     assert "windows still open" in done.stdout
+    assert re.search(r"pull API http://127\.0\.0\.1:\d+: GET /v1/users/\S+/offers -> "
+                     r"(coupon|push|none) ", done.stdout), done.stdout[-2000:]
     assert "consumed" in done.stdout and "rejected" in done.stdout
     assert "Traceback" not in done.stderr

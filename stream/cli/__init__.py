@@ -25,7 +25,8 @@ from stream.cli.common import Context, pass_context
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--config", "config_path", envvar="PROMO_CONFIG", type=click.Path(dir_okay=False),
-              help="TOML settings file (sections kafka, contract, worker, replay, policy).")
+              help="TOML settings file (sections kafka, contract, worker, replay, policy, "
+                   "attribution, uplift, api).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
                                                case_sensitive=False),
               default=None, help="[default: worker.log_level]")

@@ -22,7 +22,7 @@ from deploy.kafka import launcher
 from stream.config import Settings, load_settings
 from stream.contracts import Event
 from stream.topics import client_kwargs, ensure_topics
-from tests.support import PromoProcess, wait_until
+from tests.support import PromoProcess, certificate_for_localhost, wait_until
 from tests.workers import accounted, worker_env
 
 # One group: both tests share the module's secured cluster (started once, not per process).
@@ -34,21 +34,10 @@ APP_ID = "promo-secure"
 
 def make_tls(workdir: Path) -> tuple[Path, Path]:
     """A CA, and a broker certificate for 127.0.0.1 signed by it: (ca.pem, broker keystore)."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=promo-test-ca", "-keyout", "ca.key", "-out", "ca.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-            "-keyout", "broker.key", "-out", "broker.csr")
-    (workdir / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "broker.pem")
-    openssl("pkcs8", "-topk8", "-nocrypt", "-in", "broker.key", "-out", "broker.pk8")
+    ca, cert, key = certificate_for_localhost(workdir, "broker")
     keystore = workdir / "broker-keystore.pem"
-    keystore.write_text("".join((workdir / name).read_text()
-                                for name in ("broker.pk8", "broker.pem", "ca.pem")))
-    return workdir / "ca.pem", keystore
+    keystore.write_text("".join(path.read_text() for path in (key, cert, ca)))
+    return ca, keystore
 
 
 @pytest.fixture(scope="module")

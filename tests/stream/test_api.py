@@ -1,12 +1,14 @@
 """The pull API on the real broker, called with plain httpx as a shop's backend would: tokens,
 previews that equal the decision a claim then publishes (exactly once per idempotency key,
-within the budget), vectors, JSON errors, access logs without user ids, and two workers that
-answer alike for every user and say 503 while partitions move."""
+within the budget), vectors, JSON errors, rate limits, access logs without user ids, and two
+workers over TLS that answer alike for every user and say 503 while partitions move."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
+import ssl
 import threading
 import time
 import uuid
@@ -14,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -24,13 +27,15 @@ from stream.config import Settings, load_settings
 from stream.contracts import Coupon, Event
 from stream.topics import ensure_topics, expected_partition
 from tests.conftest import build_checkpoint
-from tests.support import PromoProcess, sample, scrape, wait_until
+from tests.support import PromoProcess, certificate_for_localhost, sample, scrape, wait_until
 from tests.workers import accounted, read_decisions, send_coupons, send_events, worker_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.xdist_group("tests/stream/test_api.py")]
 
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OTHER_TOKEN = "other-token-" + uuid.uuid4().hex[:8]  # a client of its own: its own rate limit
+RATE, BURST = 100, 200
 ITEMS = ["13176", "24852", "21137", "21903", "47209", "47766", "16797", "26209"]
 COUPON = Coupon("api-welcome", 5.0, budget=10.0)  # two coupons' worth, store-wide
 
@@ -85,7 +90,10 @@ def served(kafka_cluster: launcher.Cluster,
     checkpoint = tmp / "model"
     build_checkpoint(checkpoint)
     proc = PromoProcess(["worker"], worker_env(settings, metrics_port, checkpoint)
-                        | api_env(settings, api_port), tmp / "worker.log")
+                        | api_env(settings, api_port)
+                        | {"PROMO_API_TOKENS": f"{TOKEN},{OTHER_TOKEN}",
+                           "PROMO_API_RATE_LIMIT_PER_SECOND": str(RATE),
+                           "PROMO_API_RATE_LIMIT_BURST": str(BURST)}, tmp / "worker.log")
     try:
         proc.wait_for_log("worker ready", timeout=120)
         users = shoppers("api", 20)
@@ -189,6 +197,21 @@ def test_malformed_requests_get_a_json_error(served: Served, method: str, path: 
     assert answer.json()["error"] == code and answer.json()["message"]
 
 
+def test_a_client_over_its_rate_is_told_when_to_come_back_and_others_are_not_slowed(
+        served: Served) -> None:
+    other = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+    statuses: Counter[int] = Counter()
+    with httpx.Client(headers=other, timeout=5) as client:
+        for _ in range(2 * BURST):
+            answer = client.get(f"{served.url}/v1/users/{served.users[0]}/offers")
+            statuses[answer.status_code] += 1
+            if answer.status_code == 429:
+                assert answer.json()["error"] == "rate_limited"
+                assert int(answer.headers["Retry-After"]) >= 1
+    assert statuses[200] >= BURST and statuses[429] >= 1, statuses
+    assert get(served, f"/v1/users/{served.users[0]}/offers", headers=AUTH).status_code == 200
+
+
 def test_access_logs_name_users_by_pseudonym_only_and_metrics_count_requests(
         served: Served) -> None:
     marker = f"raw-id-{uuid.uuid4().hex}"
@@ -216,24 +239,34 @@ def test_access_logs_name_users_by_pseudonym_only_and_metrics_count_requests(
     wait_until(counted, timeout=10, what="the requests counted by endpoint and status")
 
 
-def test_any_worker_answers_for_any_user_and_says_503_while_partitions_move(
-        settings: Settings, run_worker: Any, checkpoints: dict[str, Path]) -> None:
+def test_any_worker_answers_for_any_user_over_tls_and_says_503_while_partitions_move(
+        settings: Settings, run_worker: Any, checkpoints: dict[str, Path],
+        tmp_path: Path) -> None:
+    ca, cert, key = certificate_for_localhost(tmp_path, "api")
+    tls = {"PROMO_API_TLS_CERTFILE": str(cert), "PROMO_API_TLS_KEYFILE": str(key),
+           "PROMO_API_TLS_CAFILE": str(ca)}  # the workers forward to each other over HTTPS
     ports = [launcher.free_port() for _ in range(2)]
-    workers = [run_worker(checkpoints["v1"], env=api_env(settings, port) | {
+    workers = [run_worker(checkpoints["v1"], env=api_env(settings, port) | tls | {
         "PROMO_WORKER_DATA_DIR": f"{settings.worker.data_dir}-{n}"})
         for n, port in enumerate(ports)]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    wait_until(lambda: sorted(_owned(urls[0]) + _owned(urls[1])) == [0, 1]
-               and all(_owned(url) for url in urls),
+    urls = [f"https://127.0.0.1:{port}" for port in ports]
+    trust = ssl.create_default_context(cafile=str(ca))
+    http = httpx.Client(headers=AUTH, timeout=5, verify=trust)
+    owned = functools.partial(_owned, http)
+    wait_until(lambda: sorted(owned(urls[0]) + owned(urls[1])) == [0, 1]
+               and all(owned(url) for url in urls),
                timeout=60, what="each worker to own a partition")
-    users = shoppers("route", 40)
+    with pytest.raises(httpx.HTTPError):  # TLS only: plain HTTP gets no answer
+        httpx.get(f"http://127.0.0.1:{ports[0]}/healthz", timeout=5)
+    # Ids as a shop may have them: a slash, a space, a percent sign, non-ASCII.
+    users = shoppers("route", 36) + shoppers("shop/7", 2) + shoppers("ü€ 100%", 2)
     assert {expected_partition(u.encode(), 2) for u in users} == {0, 1}  # both must forward
     send_events(settings, browse(users))
     wait_until(lambda: sum(accounted(port) for _, port in workers) >= 4 * len(users),
                timeout=60, what="the browsing applied")
 
     def answers(url: str) -> dict[str, Any]:
-        return {u: httpx.get(f"{url}/v1/users/{u}/offers", headers=AUTH, timeout=5).json()
+        return {u: http.get(f"{url}/v1/users/{quote(u, safe='')}/offers").json()
                 for u in users}
 
     first, second = answers(urls[0]), answers(urls[1])
@@ -250,8 +283,7 @@ def test_any_worker_answers_for_any_user_and_says_503_while_partitions_move(
     def poll() -> None:
         while not stop.is_set():
             for user in users:
-                answer = httpx.get(f"{urls[0]}/v1/users/{user}/offers", headers=AUTH,
-                                   timeout=5)
+                answer = poller_http.get(f"{urls[0]}/v1/users/{quote(user, safe='')}/offers")
                 seen[answer.status_code] += 1
                 if answer.status_code == 503:
                     if "Retry-After" not in answer.headers:
@@ -259,24 +291,27 @@ def test_any_worker_answers_for_any_user_and_says_503_while_partitions_move(
                 elif answer.status_code != 200 or answer.json() != first[user]:
                     wrong.append((answer.status_code, answer.text))
 
+    poller_http = httpx.Client(headers=AUTH, timeout=5, verify=trust)  # one per thread
     poller = threading.Thread(target=poll)
     poller.start()
     try:
         assert workers[1][0].stop() == 0  # it leaves the group: its partition moves
-        wait_until(lambda: _owned(urls[0]) == [0, 1], timeout=60,
+        wait_until(lambda: owned(urls[0]) == [0, 1], timeout=60,
                    what="the remaining worker to own both partitions")
         time.sleep(0.5)
     finally:
         stop.set()
         poller.join(30)
+        poller_http.close()
     assert not wrong, wrong[:3]
     assert seen[503] >= 1 and seen[200] >= 1, seen
     assert answers(urls[0]) == first
+    http.close()
 
 
-def _owned(url: str) -> list[int]:
+def _owned(http: httpx.Client, url: str) -> list[int]:
     try:
-        answer = httpx.get(f"{url}/readyz", timeout=2)
+        answer = http.get(f"{url}/readyz")
     except httpx.HTTPError:
         return []
     return list(answer.json().get("partitions", [])) if answer.status_code == 200 else []

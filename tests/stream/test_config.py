@@ -96,3 +96,23 @@ def test_printed_settings_mask_secrets_and_read_back(tmp_path: Path) -> None:
     path = tmp_path / "out.toml"
     path.write_text(text.replace('"***"', '""'))
     assert load_settings(path, environ={}).kafka == load_settings(environ={}).kafka
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"PROMO_API_ENABLED": "true"}, "the API needs a bearer token"),
+    ({"PROMO_API_TLS_CERTFILE": "cert.pem"}, "both api.tls_certfile and api.tls_keyfile"),
+    ({"PROMO_API_PORT": "0"}, "api.port"),
+])
+def test_an_api_that_could_not_serve_safely_is_refused(environ: dict[str, str],
+                                                      message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=environ)
+
+
+def test_api_tokens_come_from_the_environment_and_a_file(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated 2026-12\nfrom-file\n\n")
+    api = load_settings(environ={"PROMO_API_ENABLED": "1", "PROMO_API_TOKENS": "a, b",
+                                 "PROMO_API_TOKENS_FILE": str(tokens)}).api
+    assert api.accepted_tokens() == {"a", "b", "from-file"}
+    assert api.url() == "http://127.0.0.1:8470"
