@@ -283,7 +283,7 @@ def main() -> None:
     add_output_options(parser)
     args = parser.parse_args()
     if args.quick:
-        args.events, args.warmup, args.seconds, args.pair_events = 10_000, 2_000, 5.0, 500
+        args.events, args.warmup, args.seconds, args.pair_events = 6_000, 1_000, 3.0, 300
     summary = summary_path(args)
     out = args.out_dir / ("api_latency_quick.json" if args.quick else "api_latency.json")
 

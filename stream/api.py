@@ -73,6 +73,9 @@ ENDPOINTS = {
     "/v1/openapi.json": "openapi",
 }
 PUBLIC = frozenset({"healthz", "readyz", "openapi"})  # probes and the description
+# Claims queue for the batch lock (each commits its own transaction under exactly-once);
+# past this many waiting, a claim answers 503 rather than hold the stream back.
+MAX_CLAIMS_WAITING = 64
 #: Reason codes that mean the answer is the cold-start one (no personal vector behind it).
 COLD_CODES = frozenset({"cold_start", "model_unavailable", "vector_unavailable"})
 
@@ -139,6 +142,7 @@ class Api:
         self.tokens = settings.accepted_tokens() if settings.enabled else frozenset()
         self.own_url = settings.url().rstrip("/")
         self._buckets: dict[str, TokenBucket] = {}
+        self._claims_waiting = 0
         self._client: aiohttp.ClientSession | None = None
         self.pipeline: Pipeline | None = None
         self.ownership: Ownership | None = None
@@ -201,11 +205,12 @@ class Api:
                            f"{self.settings.max_body_bytes} are accepted")
         if endpoint in PUBLIC:
             return
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not self._known(token.strip()):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        token = self._known(given.strip()) if scheme.lower() == "bearer" else None
+        if token is None:
             raise ApiError(401, "unauthorized", "send a valid token: Authorization: Bearer "
                            "<token>", {"WWW-Authenticate": 'Bearer realm="promo-stream"'})
-        bucket = self._buckets.get(token)
+        bucket = self._buckets.get(token)  # one per accepted token, however it was spelled
         if bucket is None:
             bucket = self._buckets[token] = TokenBucket(
                 self.settings.rate_limit_per_second, self.settings.rate_limit_burst, self.clock)
@@ -214,11 +219,14 @@ class Api:
             raise ApiError(429, "rate_limited", "too many requests for this token",
                            {"Retry-After": str(max(1, round(wait + 0.5)))})
 
-    def _known(self, token: str) -> bool:
-        found = False
-        for accepted in self.tokens:  # every comparison made: no early exit to time
-            found |= hmac.compare_digest(token.encode(), accepted.encode())
-        return found and bool(token)
+    def _known(self, given: str) -> str | None:
+        """The accepted token ``given`` is, or None."""
+        raw = given.encode("utf-8", "surrogateescape")  # any header bytes: refused, not a 500
+        found = None
+        for accepted in sorted(self.tokens):  # every comparison made: no early exit to time
+            if hmac.compare_digest(raw, accepted.encode()):
+                found = accepted
+        return found if given else None
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -255,7 +263,16 @@ class Api:
         partition, forwarded = await self._route(request, user_id)
         if forwarded is not None:
             return forwarded
-        answer = await self._ownership().claim(Claim(partition, user_id, key))
+        if self._claims_waiting >= MAX_CLAIMS_WAITING:
+            raise self._unavailable("too many claims waiting for this worker's batch lock")
+        self._claims_waiting += 1
+        try:
+            # Once started, a claim finishes even if the request times out meanwhile: a
+            # retry with the same key then answers with its decision.
+            answer = await asyncio.shield(
+                self._ownership().claim(Claim(partition, user_id, key)))
+        finally:
+            self._claims_waiting -= 1
         if answer is None:
             raise self._unavailable("the user's partition moved to another worker")
         body = self._offer(user_id, answer.decision, known=True)
@@ -338,7 +355,7 @@ class Api:
         try:
             async with self._session().request(
                     # The path as it came: a user id may hold an encoded "/" or "%".
-                    request.method, URL(owner + request.raw_path, encoded=True),
+                    request.method, URL(owner + request.rel_url.raw_path_qs, encoded=True),
                     headers=headers,
                     data=await request.read()) as answer:
                 body = await answer.read()
@@ -347,7 +364,9 @@ class Api:
                 return web.Response(body=body, status=answer.status, headers=kept,
                                     content_type=answer.content_type)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("forwarding failed", extra={"owner": owner, "error": repr(exc)})
+            # The exception's text names the URL, and so the user id: its type only.
+            log.warning("forwarding failed", extra={"owner": owner,
+                                                    "error": type(exc).__name__})
             raise self._unavailable("the worker that owns this user did not answer") from exc
 
     def _session(self) -> aiohttp.ClientSession:
@@ -394,7 +413,7 @@ def _limit(request: web.Request) -> int | None:
     raw = request.query.get("limit")
     if raw is None:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 50:
+    if not (raw.isascii() and raw.isdecimal() and len(raw) <= 3 and 1 <= int(raw) <= 50):
         raise ApiError(400, "bad_limit", "limit is a whole number of items from 1 to 50")
     return int(raw)
 

@@ -47,7 +47,7 @@ from stream.exporter import write_snapshot
 from stream.metrics import MAX_CAMPAIGN_SERIES, Metrics
 from stream.models import ModelWatcher
 from stream.outcomes import Rules, merged, totals
-from stream.pipeline import Claim, ClaimAnswer, OpenCart, Pipeline, Topics
+from stream.pipeline import Claim, ClaimAnswer, ClaimWriteFailed, OpenCart, Pipeline, Topics
 from stream.policy import partition_budget
 from stream.topics import expected_partition, repartition_topic, sasl_password, ssl_context
 
@@ -254,10 +254,17 @@ class TableStore:
     def put_claims(self, partition: int, records: Mapping[str, bytes | None]) -> None:
         self._put(self.claims, partition, records)
 
-    def expired_claims(self, partition: int, before_ms: int) -> list[str]:
-        """Claims made before ``before_ms``: their idempotency keys are forgotten."""
-        return [key.decode() for key, raw in self._partition_items(self.claims, partition)
-                if int(orjson.loads(raw)["at"]) < before_ms]
+    async def expired_claims(self, partition: int, before_ms: int) -> list[str]:
+        """Claims made before ``before_ms`` (their idempotency keys are to be forgotten),
+        read in steps that hand the event loop back."""
+        expired: list[str] = []
+        db = self.claims.data._db_for_partition(partition)
+        for n, (key, raw) in enumerate(self.claims.data._visible_items(db), 1):
+            if raw is not None and int(orjson.loads(raw)["at"]) < before_ms:
+                expired.append(key.decode())
+            if n % 1000 == 0:
+                await asyncio.sleep(0)
+        return expired
 
     def partition_counts(self, partition: int) -> dict[str, bytes]:
         return {key.decode(): raw for key, raw in self._partition_items(self.counts, partition)}
@@ -572,26 +579,38 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
         async with consumer.holding_batch_lock():  # never interleave with a batch's writes
             if not catch_up.ready or request.partition not in owned_partitions():
                 return None  # the partition moved while the claim waited
-            answer = await pipeline.claim(request, int(settings.api.idempotency_seconds * 1000))
-            if app.in_transaction and answer.partitions:
-                await consumer.commit_partitions(answer.partitions)
+            try:
+                answer = await pipeline.claim(request,
+                                              int(settings.api.idempotency_seconds * 1000))
+                if app.in_transaction and answer.partitions:
+                    await consumer.commit_partitions(answer.partitions)
+            except ClaimWriteFailed as exc:
+                await app.crash(exc)  # restart from the changelog, as after a batch write
+                raise
             return answer
 
-    @app.timer(min(600.0, settings.api.idempotency_seconds / 10), name="forget-claims")
+    @app.timer(min(3600.0, settings.api.idempotency_seconds / 10), name="forget-claims")
     async def forget_claims() -> None:
         if not settings.api.enabled or not catch_up.ready:
             return
         before_ms = int((time.time() - settings.api.idempotency_seconds) * 1000)
         consumer = cast(BatchingConsumer, app.consumer)
-        async with consumer.holding_batch_lock():
-            forgotten = {p: store.expired_claims(p, before_ms) for p in owned_partitions()}
-            forgotten = {p: keys for p, keys in forgotten.items() if keys}
-            for partition, keys in forgotten.items():
-                store.put_claims(partition, dict.fromkeys(keys))
-            if forgotten:
-                await store.flush()
-                if app.in_transaction:
-                    await consumer.commit_partitions(set(forgotten))
+        for partition in owned_partitions():
+            # Found without the batch lock (reads, handing the loop back as it goes), then
+            # forgotten in small locked steps, if the partition is still this worker's.
+            try:
+                expired = await store.expired_claims(partition, before_ms)
+            except Exception:  # the partition moved (its database closed) while it was read
+                log.warning("forgetting claims skipped", extra={"partition": partition})
+                continue
+            for start in range(0, len(expired), 500):
+                async with consumer.holding_batch_lock():
+                    if partition not in owned_partitions() or not catch_up.ready:
+                        break
+                    store.put_claims(partition, dict.fromkeys(expired[start:start + 500]))
+                    await store.flush()
+                    if app.in_transaction:
+                        await consumer.commit_partitions({partition})
 
     if settings.api.enabled:
         api.attach(pipeline, Ownership(ready=lambda: catch_up.ready, owned=owned_partitions,

@@ -57,11 +57,13 @@ class OffersClient:
         return self._call("GET", f"/v1/users/{_segment(user_id)}/offers", params=params)
 
     def claim(self, user_id: str, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Claim the user's offer to show it. Send the same key again to retry safely: the
-        answer is the decision made the first time."""
+        """Claim the user's offer to show it. A timeout or a 503 is retried under the same
+        key, which is safe: the answer is the decision made the first time. The key used is
+        in the answer (``idempotency_key``): pass it again to retry later."""
         key = idempotency_key or uuid.uuid4().hex
-        return self._call("POST", f"/v1/users/{_segment(user_id)}/offers/claim",
-                          headers={"Idempotency-Key": key})
+        answer = self._call("POST", f"/v1/users/{_segment(user_id)}/offers/claim",
+                            headers={"Idempotency-Key": key}, retry_timeouts=True)
+        return answer | {"idempotency_key": key}
 
     def vector(self, user_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/users/{_segment(user_id)}/vector")
@@ -69,10 +71,20 @@ class OffersClient:
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+    def _call(self, method: str, path: str, retry_timeouts: bool = False,
+              **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+        """``retry_timeouts``: also retry what may have been done (a claim under its key);
+        reads are always retried."""
+        retried = RETRIED_STATUSES | ({504} if retry_timeouts else set())
         for attempt in range(self.retries + 1):
-            response = self._http.request(method, path, **kwargs)
-            if response.status_code in RETRIED_STATUSES and attempt < self.retries:
+            last = attempt == self.retries
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException:
+                if last or not (retry_timeouts or method == "GET"):
+                    raise
+                continue
+            if response.status_code in retried and not last:
                 time.sleep(min(self.max_wait, float(response.headers.get("Retry-After", 1))))
                 continue
             break

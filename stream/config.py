@@ -239,8 +239,10 @@ class ApiSettings:
     rate_limit_burst: AtLeastOne = 400
     request_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 2.0
     forward_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
-    # A claim's idempotency key answers with the same decision for this long.
-    idempotency_seconds: Annotated[float, Field(ge=60, le=30 * 86_400)] = 86_400.0
+    # A claim's idempotency key answers with the same decision for this long. At least the
+    # attribution window plus its grace (checked): a key forgotten sooner could decide again
+    # under the same decision id while the first decision's window is still open.
+    idempotency_seconds: Annotated[float, Field(ge=60, le=90 * 86_400)] = 8 * 86_400.0
     retry_after_seconds: Annotated[int, Field(ge=1, le=600)] = 1  # on 503 during a rebalance
 
     @field_validator("tokens", mode="before")
@@ -290,6 +292,16 @@ class Settings:
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     uplift: UpliftSettings = field(default_factory=UpliftSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+
+    @model_validator(mode="after")
+    def _claims_outlive_their_windows(self) -> Settings:
+        attribution, api = self.attribution, self.api
+        needed = attribution.window_seconds + attribution.grace_seconds
+        if api.enabled and attribution.enabled and api.idempotency_seconds < needed:
+            raise ValueError(f"api.idempotency_seconds ({api.idempotency_seconds:g}) must be at "
+                             "least attribution.window_seconds + grace_seconds "
+                             f"({needed:g}): a claim key must outlive its decision's window")
+        return self
 
     def datasets_dir(self) -> Path:
         from encoder.data import default_datasets_dir
@@ -352,7 +364,11 @@ def load_settings(path: str | Path | None = None,
     if problems:
         head = "invalid setting" if len(problems) == 1 else f"{len(problems)} invalid settings"
         raise ConfigError(f"{head}: " + "; ".join(problems))
-    return Settings(**built)
+    try:
+        return Settings(**built)
+    except ValidationError as exc:  # a rule across sections
+        raise ConfigError("invalid settings: " + "; ".join(
+            e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
 
 
 _NOT_SETTINGS = {"PROMO_CONFIG", "PROMO_DATASETS_DIR", "PROMO_LOG_SALT", "PROMO_SOAK",

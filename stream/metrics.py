@@ -205,6 +205,7 @@ class Metrics:
         for endpoint in API_ENDPOINTS:
             self.api_requests.labels(endpoint=endpoint, status="200")
             self.api_request_seconds.labels(endpoint=endpoint)
+            self.api_forwarded.labels(endpoint=endpoint)
         for stage in ("load", "inference"):
             self.encoder_failures.labels(stage=stage)
         for action in ACTIONS:

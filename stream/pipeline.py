@@ -237,6 +237,15 @@ class Claim:
         return Trigger(TriggerKind.ON_SITE, f"claim:{self.key}", (), now_ms)
 
 
+class ClaimWriteFailed(RuntimeError):
+    """A claim's writes failed part way: the local state may hold what the broker does not
+    (under exactly-once, an aborted transaction), so the worker must restart from the
+    changelog, as after a failed batch write."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(f"writing the claim of partition {claim.partition} failed")
+
+
 @dataclass(frozen=True)
 class ClaimAnswer:
     decision: dict[str, Any] | None  # as published on `decisions`; None: consent allows none
@@ -300,6 +309,8 @@ class _Pass:
         default_factory=lambda: defaultdict(dict))
     due_windows: list[tuple[int, tuple[int, str]]] = field(default_factory=list)  # index entries
     turns: _Turns = field(default_factory=lambda: _Turns())
+    # The coupon catalog as the pass began: it may change while the pass yields.
+    catalog: Mapping[str, Coupon] = field(default_factory=dict)
     claims: dict[int, dict[str, bytes | None]] = field(
         default_factory=lambda: defaultdict(dict))  # api-claims entries to write
 
@@ -376,12 +387,13 @@ class Pipeline:
         raw = self.store.get_users(partition, [user_id]).get(user_id)
         user = _User(partition, before=raw,
                      state=state.decode(raw) if raw else UserState())
-        budgets = self._load_budgets({user_id: user})  # fresh objects: decide may reserve
+        catalog = self.coupons()
+        budgets = self._load_budgets({user_id: user}, catalog)  # fresh: decide may reserve
         config = self.policy_config
         if push_items is not None:
             config = replace(config, push_items=push_items)
         assert user.state is not None
-        ctx = policy.Context(config=config, coupons=self.coupons(),
+        ctx = policy.Context(config=config, coupons=catalog,
                              budgets=budgets.setdefault(partition, {}),
                              model=self.model.encoder, now_ms=now_ms)
         vector = self._current_vector(user)
@@ -423,9 +435,12 @@ class Pipeline:
         published = orjson.loads(decision.to_json()) if decision else None
         done.claims[claim.partition][claim.store_key] = orjson.dumps(
             {"at": now_ms, "decision": published})
-        await self._write(done)
+        try:
+            await self._write(done)
+            await self.store.flush()
+        except Exception as exc:
+            raise ClaimWriteFailed(claim) from exc
         self._count([claim], done, started)
-        await self.store.flush()
         return ClaimAnswer(published, replayed=False, partitions=done.result.partitions)
 
     # --- one pass, retried, then isolated -------------------------------------------------
@@ -502,7 +517,8 @@ class Pipeline:
                                      or u.state.model_version != encoder.model_version))}
         done.result.refreshed = await self._refresh_vectors(changed | stale, done)
         fired = self._triggers(done)
-        done.budgets = self._load_budgets({uid: done.users[uid] for uid in fired})
+        done.catalog = self.coupons()
+        done.budgets = self._load_budgets({uid: done.users[uid] for uid in fired}, done.catalog)
         rankings = self._rank_pushes(done.users, fired, now_ms)
         await done.turns.take()
         await self._decide_all(done, fired, rankings)
@@ -681,9 +697,9 @@ class Pipeline:
                 done.triggers[trigger.kind] += 1
         return fired
 
-    def _load_budgets(self, users: Mapping[str, _User]) -> dict[int, dict[str, CouponBudget]]:
+    def _load_budgets(self, users: Mapping[str, _User],
+                      catalog: Mapping[str, Coupon]) -> dict[int, dict[str, CouponBudget]]:
         """This batch's partitions' budgets for every campaign, reserved against in memory."""
-        catalog = self.coupons()
         budgets: dict[int, dict[str, CouponBudget]] = {}
         for partition in {u.partition for u in users.values()}:
             stored = self.store.get_budgets(partition)
@@ -744,9 +760,10 @@ class Pipeline:
             s = user.state
             assert s is not None
             try:
-                decision = self._decide(user_id, user, trigger, done.budgets, done.now_ms,
-                                        rankings.get(user_id))
+                decision = self._decide(user_id, user, trigger, done, rankings.get(user_id))
             except Exception as exc:  # a bug must cost one decision, not the worker
+                if user.claim is not None:
+                    raise  # the claim's caller answers with the error; nothing is written
                 log.exception("deciding failed", extra={"user": user_ref(user_id),
                                                         "trigger": trigger.kind})
                 done.rejected[Reason.PROCESSING_ERROR.value] += 1
@@ -847,12 +864,12 @@ class Pipeline:
         raw = self.store.get_preferences(user.partition, user_id)
         return Preferences.from_json(raw) if raw else None
 
-    def _decide(self, user_id: str, user: _User, trigger: Trigger,
-                budgets: dict[int, dict[str, CouponBudget]], now_ms: int,
+    def _decide(self, user_id: str, user: _User, trigger: Trigger, done: _Pass,
                 push_ranking: tuple[np.ndarray, np.ndarray] | None = None) -> Decision | None:
         assert user.state is not None
-        ctx = policy.Context(config=self.policy_config, coupons=self.coupons(),
-                             budgets=budgets.setdefault(user.partition, {}),
+        now_ms = done.now_ms
+        ctx = policy.Context(config=self.policy_config, coupons=done.catalog,
+                             budgets=done.budgets.setdefault(user.partition, {}),
                              model=self.model.encoder, now_ms=now_ms,
                              push_ranking=push_ranking)
         vector = self._current_vector(user)

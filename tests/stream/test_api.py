@@ -30,7 +30,8 @@ from tests.conftest import build_checkpoint
 from tests.support import PromoProcess, certificate_for_localhost, sample, scrape, wait_until
 from tests.workers import accounted, read_decisions, send_coupons, send_events, worker_env
 
-pytestmark = [pytest.mark.kafka, pytest.mark.xdist_group("tests/stream/test_api.py")]
+# The live tests are marked `kafka` by the fixtures they use (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("tests/stream/test_api.py")
 
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -54,6 +55,63 @@ def browse(users: list[str]) -> list[Event]:
     now = int(time.time() * 1000)
     return [Event(f"{u}-v{k}", u, "view", ITEMS[k % len(ITEMS)], now - 60_000 + k)
             for u in users for k in range(4)]
+
+
+# --- the guard, in-process: aiohttp's test requests against the middleware ------------------
+
+def guarded(path: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """A request through the API's middleware to a route that answers 200 if admitted."""
+    import asyncio
+
+    import orjson
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from stream.api import Api, _limit
+    from stream.config import ApiSettings
+    from stream.metrics import Metrics
+
+    api = GUARD.setdefault("api", Api(ApiSettings(
+        enabled=True, tokens=("tok",), rate_limit_per_second=1.0, rate_limit_burst=3),
+        partitions=2, metrics=Metrics(), clock=lambda: 0.0))
+    app = web.Application()
+
+    async def handler(request: web.Request) -> web.Response:
+        _limit(request)
+        return web.json_response({"ok": True})
+
+    app.router.add_get("/v1/users/{user_id}/offers", handler)
+    request = make_mocked_request("GET", path, headers=headers, app=app)
+    match = asyncio.run(app.router.resolve(request))
+    request._match_info = match  # what aiohttp's server does before the handlers run
+    response = asyncio.run(api.middleware(request, handler))
+    return response.status, orjson.loads(response.body)
+
+
+GUARD: dict[str, Any] = {}
+
+
+def test_one_token_has_one_bucket_however_its_header_is_spaced() -> None:
+    GUARD.clear()
+    statuses = [guarded("/v1/users/u/offers", {"Authorization": spelled})[0]
+                for spelled in ("Bearer tok", "Bearer  tok", "bearer tok", "Bearer tok ",
+                                "Bearer tok")]
+    assert statuses == [200, 200, 200, 429, 429]  # a burst of 3, then refused: one bucket
+
+
+@pytest.mark.parametrize("header", ["Bearer t\u00f6k", "Basic tok", "Bearer", "tok", ""])
+def test_a_malformed_or_foreign_authorization_is_refused_not_a_crash(header: str) -> None:
+    GUARD.clear()
+    status, body = guarded("/v1/users/u/offers", {"Authorization": header})
+    assert status == 401 and body["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "9" * 5000, "-1", "1.5", "0", "51"])
+def test_a_limit_that_is_not_1_to_50_is_a_400(limit: str) -> None:
+    GUARD.clear()
+    status, body = guarded(f"/v1/users/u/offers?limit={quote(limit)}",
+                           {"Authorization": "Bearer tok"})
+    assert status == 400 and body["error"] == "bad_limit"
 
 
 @dataclasses.dataclass

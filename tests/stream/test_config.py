@@ -102,6 +102,8 @@ def test_printed_settings_mask_secrets_and_read_back(tmp_path: Path) -> None:
     ({"PROMO_API_ENABLED": "true"}, "the API needs a bearer token"),
     ({"PROMO_API_TLS_CERTFILE": "cert.pem"}, "both api.tls_certfile and api.tls_keyfile"),
     ({"PROMO_API_PORT": "0"}, "api.port"),
+    ({"PROMO_API_ENABLED": "1", "PROMO_API_TOKENS": "t", "PROMO_API_IDEMPOTENCY_SECONDS": "3600"},
+     "a claim key must outlive its decision's window"),
 ])
 def test_an_api_that_could_not_serve_safely_is_refused(environ: dict[str, str],
                                                       message: str) -> None:
