@@ -188,15 +188,16 @@ def processing_rate(workers: Sequence[WorkerProcess], n: int, timeout: float = 1
 
 
 def processing_rate_and_cpu(workers: Sequence[WorkerProcess], n: int,
-                            timeout: float = 1800) -> tuple[float, float]:
+                            timeout: float = 1800, base: float = 0.0) -> tuple[float, float]:
     """:func:`processing_rate`, and the CPU seconds the worker processes used over the same
     span (their own CPU time: what the broker and the producer use on the same cores does not
-    count, so this figure does not depend on sharing them)."""
+    count, so this figure does not depend on sharing them). ``base``: records the workers had
+    already accounted for (the ``n`` come on top)."""
     first = last = None
     cpu_first = cpu_last = 0.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = sum(accounted(w.port) for w in workers)
+        done = sum(accounted(w.port) for w in workers) - base
         now = time.perf_counter()
         if done > 0 and first is None:
             first = now

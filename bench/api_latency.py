@@ -50,6 +50,7 @@ from _stream import (
     accounted,
     add_worker_options,
     broker,
+    processing_rate_and_cpu,
     quick_checkpoint,
     rate_beside_producer,
     real_events,
@@ -174,22 +175,10 @@ def phase(settings: Settings, worker: WorkerProcess, url: str, rows: list[Intera
             target=generate_load, args=(url, users, load, seconds, results))
         generator.start()
     producer.start()
-    first = last = None
-    deadline = time.monotonic() + seconds + 300
-    while time.monotonic() < deadline:
-        done = accounted(worker.port) - base
-        now = time.perf_counter()
-        if done > 0 and first is None:
-            first = now
-        if done >= len(rows):
-            last = now
-            break
-        time.sleep(0.05)
+    rate, _ = processing_rate_and_cpu([worker], len(rows), timeout=seconds + 300, base=base)
     producer.join(60)
-    if first is None or last is None:
-        raise RuntimeError(f"phase {load}/s: the worker did not process its slice in time")
     out: dict[str, Any] = {"load_rps": load, "events": len(rows),
-                           "stream_events_per_second": len(rows) / (last - first)}
+                           "stream_events_per_second": rate}
     if generator is not None:
         got = results.get(timeout=seconds + 120)
         generator.join(30)

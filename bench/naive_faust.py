@@ -52,5 +52,7 @@ async def count_and_forward(stream: faust.StreamT) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "worker", "-l", "warn"]
+    # faust's command line turns its web server on whatever the App says; this agent needs
+    # none, and two of them (or anything else on port 6066) would collide.
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
     app.main()

@@ -170,7 +170,8 @@ def run_demo(settings: Settings, *, dataset: str, rows: list[Interaction], limit
         time.sleep(max(settings.policy.cart_abandon_seconds + 2, 6))
         say("6/6 what happened")
         _summary(settings, _scrape(url), result.produced, result.seconds, coupons, url)
-        _ask_the_api(settings, rows[-1].user_id)
+        for user_id in (rows[-1].user_id, "a-new-visitor"):
+            _ask_the_api(settings, user_id)
         if keep_running:
             say("running until Ctrl-C (broker and worker stay up)")
             try:
@@ -249,7 +250,7 @@ def _summary(settings: Settings, metrics: dict[str, dict[str, float]], produced:
 
 
 def _ask_the_api(settings: Settings, user_id: str) -> None:
-    """One pull-API question, as a shop's cart page would ask it (docs/api.md)."""
+    """A pull-API question, as a shop's cart page would ask it (docs/api.md)."""
     from stream.client import OffersClient
 
     with OffersClient(settings.api.url(), settings.api.tokens[0]) as client:

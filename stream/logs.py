@@ -85,5 +85,7 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     noisy_level = max(logging.WARNING, root.level)
-    for name in ("aiokafka", "kafka", "faust", "mode", "asyncio", "matplotlib"):
+    # httpx and httpcore log every request's URL at info: a pull-API URL holds a raw user id.
+    for name in ("aiokafka", "kafka", "faust", "mode", "asyncio", "matplotlib", "httpx",
+                 "httpcore"):
         logging.getLogger(name).setLevel(noisy_level)
