@@ -324,7 +324,8 @@ class PreferencesCatchUp:
         self.app = app
         self.topics = topics
         self.metrics = metrics
-        self.targets: dict[TP, int] | None = None  # None: not assigned yet
+        # Per partition the end to read up to (None: not known yet); None: not assigned yet.
+        self.targets: dict[TP, int | None] | None = None
         self.ready = False
         self._announced = False
 
@@ -345,6 +346,13 @@ class PreferencesCatchUp:
             return False
         consumer = self.app.consumer
         for tp, end in list(targets.items()):
+            if end is None:
+                # Under exactly-once the end is the last stable offset, unknown until a first
+                # fetch of the partition returns (a SIGKILL test's restart met it): ask again.
+                end = consumer.highwater(tp)
+                if end is None:
+                    continue
+                targets[tp] = end
             position = await consumer.position(tp)
             if position is not None and position >= end:
                 # The batch gate and arm() check concurrently: either may get here first.

@@ -22,15 +22,18 @@ class Positions:
     """The consumer calls the gate makes. ``position`` yields to the event loop, as the real
     one does, so two checks can interleave."""
 
-    def __init__(self, ends: dict[TP, int]) -> None:
+    def __init__(self, ends: dict[TP, int | None]) -> None:
         self.ends = ends
         self.positions = dict.fromkeys(ends, 0)
 
     def assignment(self) -> set[TP]:
         return set(self.ends)
 
-    async def highwaters(self, *tps: TP) -> dict[TP, int]:
+    async def highwaters(self, *tps: TP) -> dict[TP, int | None]:
         return {tp: self.ends[tp] for tp in tps}
+
+    def highwater(self, tp: TP) -> int | None:
+        return self.ends[tp]
 
     async def position(self, tp: TP) -> int:
         await asyncio.sleep(0)
@@ -76,6 +79,25 @@ def test_a_rebalance_during_a_check_leaves_the_gate_closed() -> None:
 
     opened, ready = asyncio.run(scenario())
     assert (opened, ready) == (False, False)
+
+
+def test_an_end_not_known_at_assignment_keeps_the_gate_closed_until_it_is_read_up_to() -> None:
+    # Under exactly-once, highwaters() is the last stable offset: None until the partition's
+    # first fetch returns. A worker restarted by the SIGKILL test crashed on it.
+    tp = TP(PREFS, 0)
+    consumer = Positions({tp: None})
+
+    async def scenario() -> list[bool]:
+        catch_up, _ = gate(consumer)
+        await catch_up.arm()
+        seen = [catch_up.ready]
+        consumer.ends[tp] = 4  # the first fetch told the end
+        seen.append(await catch_up.check())
+        consumer.positions[tp] = 4  # and the table read up to it
+        seen.append(await catch_up.check())
+        return seen
+
+    assert asyncio.run(scenario()) == [False, False, True]
 
 
 def test_the_consumer_reads_committed_records_and_never_waits_on_the_broker_past_a_window(
