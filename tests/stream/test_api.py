@@ -297,6 +297,7 @@ def test_access_logs_name_users_by_pseudonym_only_and_metrics_count_requests(
     wait_until(counted, timeout=10, what="the requests counted by endpoint and status")
 
 
+@pytest.mark.slow(seconds=45)  # two workers, one leaving: queued early under xdist
 def test_any_worker_answers_for_any_user_over_tls_and_says_503_while_partitions_move(
         settings: Settings, run_worker: Any, checkpoints: dict[str, Path],
         tmp_path: Path) -> None:
