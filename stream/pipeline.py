@@ -267,8 +267,9 @@ class StoredVector:
     current: bool  # the serving model computed it from every event of the user's state
 
 
-#: What one pass works on: a consumed record, a cart the timer found due, or an API claim.
-Work = Record | OpenCart | Claim
+#: What a batch pass works on: a consumed record, or a cart the timer found due. (An API claim
+#: is computed alone by :meth:`Pipeline.claim`, never retried or isolated as a batch is.)
+Work = Record | OpenCart
 
 
 @dataclass
@@ -480,8 +481,6 @@ class Pipeline:
         log.error("processing failed; dead-lettered as processing_error",
                   exc_info=failure, extra={"source": _describe(item)})
         done.rejected[Reason.PROCESSING_ERROR.value] += 1
-        if isinstance(item, Claim):
-            raise failure  # a claim is not a record to dead-letter: its caller hears of it
         if isinstance(item, OpenCart):
             done.outputs.append(self._timer_dead_letter(item, error, type(failure).__name__,
                                                         now_ms))
@@ -496,7 +495,7 @@ class Pipeline:
 
     # --- computing a pass (reads the store, writes nothing) -------------------------------
 
-    async def _compute(self, work: Sequence[Work], now_ms: int) -> _Pass:
+    async def _compute(self, work: Sequence[Work | Claim], now_ms: int) -> _Pass:
         done = _Pass(now_ms)
         for item in work:
             if isinstance(item, OpenCart):
@@ -985,7 +984,7 @@ class Pipeline:
 
     # --- accounting ---------------------------------------------------------------------------
 
-    def _count(self, work: Sequence[Work], done: _Pass, started: float) -> None:
+    def _count(self, work: Sequence[Work | Claim], done: _Pass, started: float) -> None:
         m, result = self.metrics, done.result
         records = sum(1 for item in work if not isinstance(item, OpenCart | Claim))
         result.events = sum(done.by_type.values())
@@ -1052,13 +1051,13 @@ TIMER_SOURCE = "timer:cart_abandoned"
 
 
 def _work_key(item: Work) -> bytes | None:
-    return item.user_id.encode() if isinstance(item, OpenCart | Claim) else item.key
+    return item.user_id.encode() if isinstance(item, OpenCart) else item.key
 
 
 def _describe(item: Work) -> dict[str, Any]:
-    if isinstance(item, OpenCart | Claim):
-        return {"topic": TIMER_SOURCE if isinstance(item, OpenCart) else "api:claim",
-                "partition": item.partition, "user": user_ref(item.user_id)}
+    if isinstance(item, OpenCart):
+        return {"topic": TIMER_SOURCE, "partition": item.partition,
+                "user": user_ref(item.user_id)}
     return {"topic": item.topic, "partition": item.partition, "offset": item.offset}
 
 
