@@ -34,7 +34,8 @@ def test_every_subcommand_has_help(path: tuple[str, ...]) -> None:
 def test_the_expected_commands_exist() -> None:
     names = {" ".join(p) for p in all_commands(main)}
     assert {"broker start", "broker stop", "broker status", "replay", "worker", "demo", "train",
-            "evaluate", "config", "report", "report uplift", "shop-sim", "offers"} <= names
+            "evaluate", "config", "report", "report uplift", "shop-sim", "offers",
+            "train-uplift"} <= names
 
 
 def test_config_prints_effective_settings() -> None:

@@ -4,7 +4,8 @@ One module per command group: :mod:`~stream.cli.broker` (a local Kafka),
 :mod:`~stream.cli.streaming` (worker, replay, export-events, demo),
 :mod:`~stream.cli.campaigns` (coupons, preferences), :mod:`~stream.cli.model` (train,
 evaluate, publish, simulate), :mod:`~stream.cli.observe` (report, report uplift),
-:mod:`~stream.cli.shop` (shop-sim) and :mod:`~stream.cli.offers` (the pull API). Shared
+:mod:`~stream.cli.shop` (shop-sim), :mod:`~stream.cli.offers` (the pull API) and
+:mod:`~stream.cli.uplift` (train-uplift). Shared
 options live in :mod:`~stream.cli.common`.
 
 A failure a user can cause (a broker not running, a port taken, a bad setting, a missing file)
@@ -19,7 +20,7 @@ import sys
 import click
 
 from stream import logs
-from stream.cli import broker, campaigns, model, observe, offers, shop, streaming
+from stream.cli import broker, campaigns, model, observe, offers, shop, streaming, uplift
 from stream.cli.common import Context, pass_context
 
 
@@ -97,6 +98,6 @@ def show_config(context: Context) -> None:
     click.echo(as_toml(context.settings), nl=False)
 
 
-for _module in (broker, streaming, campaigns, model, observe, shop, offers):
+for _module in (broker, streaming, campaigns, model, observe, shop, offers, uplift):
     for _command in _module.COMMANDS:
         main.add_command(_command)
