@@ -96,6 +96,9 @@ class WorkerSettings:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     checkpoint: str = ""  # encoder checkpoint directory (or a symlink to one); "" = none
+    # Uplift checkpoint (`promo train-uplift`), swapped in like the encoder's; "" = none: the
+    # propensity tiers decide.
+    uplift_checkpoint: str = ""
     model_poll_seconds: Positive = 5.0  # how often to look for a newer checkpoint there
     # A batch whose processing raises is computed again this many times before it is cut in
     # halves to dead-letter the one record that raises (reason processing_error).
@@ -151,6 +154,17 @@ class PolicyConfig:
     propensity_logit_scale: Positive = 1.0
     propensity_logit_bias: float = 0.0
     explain_items: Annotated[int, Field(ge=0, le=20)] = 2  # recent items named in the reasons
+    # Logged exploration: this share of treatment-arm decisions takes a feasible offer at
+    # random (drawn from a hash of the decision id, so a replay draws the same), and every
+    # decision records the probability its offer had (`propensity`): what lets a new policy
+    # be judged on the log before it serves, and the uplift model learn beyond the old one.
+    exploration_share: Annotated[float, Field(ge=0, le=1)] = 0.05
+    # With an uplift model, an offer is worth the conversions it adds times margin_rate times
+    # the user's average order (default_order_value for a user without one), less its cost:
+    # a coupon's discount whenever it converts, push_cost per push (fees, fatigue).
+    margin_rate: Annotated[float, Field(ge=0, le=1)] = 0.3
+    default_order_value: NonNegative = 30.0
+    push_cost: NonNegative = 0.0
     cart_check_seconds: Positive = 5.0  # how often the worker looks for abandoned carts
 
     @field_validator("default_timezone")

@@ -535,6 +535,11 @@ class Decision:
     # not published with the decision.
     features: dict[str, float] | None = None
     trigger: Trigger | None = None  # what fired it (the kind is also reasons[0]["code"])
+    # What was offered in the uplift model's words (none, push, coupon_full, coupon_half),
+    # the probability the policy gave it (below 1 under exploration), and every option's.
+    offer: str = "none"
+    propensity: float = 1.0
+    choices: dict[str, float] | None = None
 
     @property
     def to_send(self) -> bool:
@@ -546,7 +551,8 @@ class Decision:
             "coupon": self.coupon, "push": self.push, "score": round(self.score, 6),
             "reasons": self.reasons, "arm": self.arm, "model_version": self.model_version,
             "policy_version": self.policy_version, "trigger_event_id": self.trigger_event_id,
-            "created_at": self.created_at})
+            "created_at": self.created_at, "offer": self.offer, "propensity": self.propensity,
+            "choices": self.choices})
 
 
 # --- outcomes --------------------------------------------------------------------------------
@@ -588,6 +594,11 @@ class Outcome:
     redeemed: bool = False
     value: float = 0.0  # the conversion's worth (0 without a conversion)
     converted_at: int | None = None  # event time of the conversion
+    # The decision's offer, the probability the policy gave it, and every option's
+    # (Decision.offer, .propensity, .choices): what off-policy evaluation weighs rows by.
+    offer: str = "none"
+    propensity: float = 1.0
+    choices: dict[str, float] | None = None
 
     @property
     def evicted(self) -> bool:
@@ -607,7 +618,8 @@ class Outcome:
             "created_at": self.created_at, "window_start": self.window_start,
             "window_ms": self.window_ms, "features": self.features,
             "closed_by": self.closed_by, "evicted": self.evicted, "converted": self.converted,
-            "redeemed": self.redeemed, "value": self.value, "converted_at": self.converted_at})
+            "redeemed": self.redeemed, "value": self.value, "converted_at": self.converted_at,
+            "offer": self.offer, "propensity": self.propensity, "choices": self.choices})
 
     @classmethod
     def from_json(cls, raw: bytes) -> Outcome:
@@ -622,4 +634,5 @@ class Outcome:
             features={k: float(v) for k, v in body["features"].items()},
             closed_by=Closure(body["closed_by"]), converted=bool(body["converted"]),
             redeemed=bool(body["redeemed"]), value=float(body["value"]),
-            converted_at=body["converted_at"])
+            converted_at=body["converted_at"], offer=str(body.get("offer", body["action"])),
+            propensity=float(body.get("propensity", 1.0)), choices=body.get("choices"))

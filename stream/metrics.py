@@ -100,9 +100,10 @@ class Metrics:
             "promo_encoder_vector_refreshes", "User vectors recomputed.", registry=r)
         self.encoder_failures = Counter(
             "promo_encoder_failures",
-            "Checkpoint loads (stage=load: the previous model, if any, keeps serving) or "
-            "batched encoder calls (stage=inference: that batch decides without fresh "
-            "vectors) that failed.", ["stage"], registry=r)
+            "Checkpoint loads (stage=load: the previous model, if any, keeps serving; "
+            "stage=uplift_load: an uplift checkpoint, the previous one or the propensity tiers "
+            "keep deciding) or batched encoder calls (stage=inference: that batch decides "
+            "without fresh vectors) that failed.", ["stage"], registry=r)
         self.model_loaded = Gauge(
             "promo_encoder_model_loaded", "1 if a model checkpoint is loaded and serving.",
             registry=r)
@@ -112,6 +113,11 @@ class Metrics:
         self.decisions = Counter(
             "promo_decisions_published", "Decisions published, by action and arm.",
             ["action", "arm"], registry=r)
+        self.offers = Counter(
+            "promo_offers_published",
+            "Decisions published by offer (none, push, coupon_full, coupon_half), arm, and "
+            "chosen: greedy (what the policy prefers) or explored (at random, logged "
+            "exploration).", ["offer", "arm", "chosen"], registry=r)
         self.triggers = Counter(
             "promo_decisions_triggers", "Decision triggers fired, by kind.", ["kind"],
             registry=r)
@@ -206,7 +212,7 @@ class Metrics:
             self.api_requests.labels(endpoint=endpoint, status="200")
             self.api_request_seconds.labels(endpoint=endpoint)
             self.api_forwarded.labels(endpoint=endpoint)
-        for stage in ("load", "inference"):
+        for stage in ("load", "uplift_load", "inference"):
             self.encoder_failures.labels(stage=stage)
         for action in ACTIONS:
             for arm in ARMS:

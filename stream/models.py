@@ -1,4 +1,4 @@
-"""Which encoder serves decisions: loaded at start, swapped when a newer checkpoint appears.
+"""Which models serve decisions: loaded at start, swapped when a newer checkpoint appears.
 
 The worker is pointed at a checkpoint path (``worker.checkpoint``). Publishing a new model is
 replacing what that path names, atomically: train into a new directory, then re-point a
@@ -10,6 +10,10 @@ previous model serving (or none: decisions then carry ``model_unavailable`` and 
 candidates, since popularity lives in the checkpoint too), counts
 ``promo_encoder_failures_total{stage="load"}``, and is tried again once the path names another
 version; a missing path is looked at on every poll.
+
+The uplift model (``worker.uplift_checkpoint``, written by `promo train-uplift`) is watched the
+same way by an :class:`UpliftWatcher`; :class:`ModelWatcher` polls both. Without one, or while
+one fails to load, the propensity tiers decide.
 """
 
 from __future__ import annotations
@@ -19,22 +23,73 @@ import json
 import logging
 from pathlib import Path
 
+from stream import uplift_model
 from stream.metrics import Metrics
 from stream.policy import ServingModel
+from stream.uplift_model import UpliftModel
 
 log = logging.getLogger(__name__)
 
 
-class ModelWatcher:
+class UpliftWatcher:
+    """The uplift checkpoint at a path: loaded, and swapped when its version changes."""
+
     def __init__(self, path: str | Path | None, metrics: Metrics) -> None:
+        self.path = Path(path) if path else None
+        self.metrics = metrics
+        self.model: UpliftModel | None = None
+        self._failed_version: str | None = None
+
+    def _published_version(self) -> str | None:
+        assert self.path is not None
+        try:
+            return str(json.loads((self.path / uplift_model.MANIFEST).read_text())
+                       ["model_version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def due(self) -> bool:
+        """A version other than the serving (or last failed) one is published."""
+        if self.path is None:
+            return False
+        published = self._published_version()
+        serving = self.model.version if self.model is not None else None
+        return published is not None and published not in (serving, self._failed_version)
+
+    def load(self) -> bool:
+        if self.path is None:
+            return False
+        try:
+            model = uplift_model.load(self.path)
+        except (uplift_model.CheckpointError, OSError) as exc:
+            self._failed_version = self._published_version()
+            self.metrics.encoder_failures.labels(stage="uplift_load").inc()
+            log.error("cannot load uplift checkpoint %s: %s", self.path, exc,
+                      extra={"serving": self.model.version if self.model else "none"})
+            return False
+        previous, self.model, self._failed_version = self.model, model, None
+        log.info("uplift model loaded", extra={
+            "uplift_version": model.version, "path": str(self.path),
+            "previous": previous.version if previous else "none"})
+        return True
+
+
+class ModelWatcher:
+    def __init__(self, path: str | Path | None, metrics: Metrics,
+                 uplift_path: str | Path | None = None) -> None:
         self.path = Path(path) if path else None
         self.metrics = metrics
         self._encoder: ServingModel | None = None
         self._failed_version: str | None = None
+        self._uplift = UpliftWatcher(uplift_path, metrics)
 
     @property
     def encoder(self) -> ServingModel | None:
         return self._encoder
+
+    @property
+    def uplift(self) -> UpliftModel | None:
+        return self._uplift.model
 
     @property
     def version(self) -> str:
@@ -50,7 +105,8 @@ class ModelWatcher:
             return None
 
     def load_now(self) -> bool:
-        """Load synchronously (at start-up); True if a model serves afterwards."""
+        """Load synchronously (at start-up); True if an encoder serves afterwards."""
+        self._uplift.load()
         if self.path is None:
             log.warning("no checkpoint configured: deciding with fallbacks only")
             self.metrics.model_loaded.set(0)
@@ -59,7 +115,9 @@ class ModelWatcher:
         return self._encoder is not None
 
     async def poll(self) -> bool:
-        """Swap in a newer checkpoint if one was published; True if the model changed."""
+        """Swap in newer checkpoints if any were published; True if the encoder changed."""
+        if self._uplift.due():
+            await asyncio.to_thread(self._uplift.load)
         if self.path is None:
             return False
         published = self._published_version()

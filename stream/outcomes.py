@@ -172,7 +172,8 @@ def pending_record(decision: Decision, start_ms: int) -> bytes:
         "trigger": decision.trigger.kind if decision.trigger else TriggerKind.CART_ADD,
         "model_version": decision.model_version, "policy_version": decision.policy_version,
         "created_at": decision.created_at, "window_start": start_ms,
-        "features": decision.features or {}})
+        "features": decision.features or {}, "offer": decision.offer,
+        "propensity": decision.propensity, "choices": decision.choices})
 
 
 def outcome(pending: bytes, closing: Closing, rules: Rules) -> Outcome:
@@ -190,7 +191,9 @@ def outcome(pending: bytes, closing: Closing, rules: Rules) -> Outcome:
         redeemed=conversion is not None and coupon_id is not None
         and conversion.coupon_id == coupon_id,
         value=conversion.worth if conversion is not None else 0.0,
-        converted_at=conversion.ts if conversion is not None else None)
+        converted_at=conversion.ts if conversion is not None else None,
+        offer=body.get("offer", Action(body["action"]).value),  # older records: no offer
+        propensity=float(body.get("propensity", 1.0)), choices=body.get("choices"))
 
 
 # --- counts ----------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ from stream.metrics import Metrics
 from stream.policy import CouponBudget, ServingModel
 from stream.state import PendingWindow, UserState
 from stream.topics import expected_partition
+from stream.uplift_model import UpliftModel
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,13 @@ class Sink(Protocol):
 
 
 class ModelSource(Protocol):
-    """The encoder currently serving, or None (missing or failed checkpoint)."""
+    """The models currently serving; None for one missing or failed to load."""
 
     @property
     def encoder(self) -> ServingModel | None: ...
+
+    @property
+    def uplift(self) -> UpliftModel | None: ...
 
 
 @dataclass(frozen=True)
@@ -396,7 +400,8 @@ class Pipeline:
         assert user.state is not None
         ctx = policy.Context(config=config, coupons=catalog,
                              budgets=budgets.setdefault(partition, {}),
-                             model=self.model.encoder, now_ms=now_ms)
+                             model=self.model.encoder, now_ms=now_ms,
+                             uplift=self.model.uplift)
         vector = self._current_vector(user)
         decision = policy.decide(user_id, user.state, vector,
                                  Trigger(TriggerKind.ON_SITE, "preview", (), now_ms),
@@ -870,7 +875,7 @@ class Pipeline:
         ctx = policy.Context(config=self.policy_config, coupons=done.catalog,
                              budgets=done.budgets.setdefault(user.partition, {}),
                              model=self.model.encoder, now_ms=now_ms,
-                             push_ranking=push_ranking)
+                             push_ranking=push_ranking, uplift=self.model.uplift)
         vector = self._current_vector(user)
         current = vector is not None
         decision = policy.decide(user_id, user.state, vector, trigger,
@@ -1001,6 +1006,9 @@ class Pipeline:
         published_ms = int(self.clock() * 1000)
         for decision, trigger_ts in zip(result.decisions, result.trigger_ts_ms, strict=True):
             m.decisions.labels(action=decision.action, arm=decision.arm).inc()
+            explored = any(r["code"] == "explored" for r in decision.reasons)
+            m.offers.labels(offer=decision.offer, arm=decision.arm,
+                            chosen="explored" if explored else "greedy").inc()
             m.decision_latency.observe(max(0, published_ms - trigger_ts) / 1000)
         for outcome in result.outcomes:
             m.count_outcome(outcome)

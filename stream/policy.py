@@ -48,8 +48,13 @@ from stream.contracts import (
     TriggerKind,
 )
 from stream.state import TYPE_ID, UserState
+from stream.uplift_model import CONTROL, UpliftModel
 
-POLICY_VERSION = "policy-2"  # 2: push ranking adds the repeat prior
+POLICY_VERSION = "policy-3"  # 3: offers by incremental profit, logged exploration
+
+# What the policy can do for a trigger, as the uplift model names its actions.
+OFFER_NONE, OFFER_PUSH = CONTROL, "push"
+COUPON_TIERS = {"coupon_full": 1.0, "coupon_half": 0.5}  # share of the coupon's value granted
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -254,6 +259,7 @@ class Context:
     # This user's push candidates (indices, scores) from rank_push_items, ranked with the
     # rest of the micro-batch; None: decide ranks them itself.
     push_ranking: tuple[np.ndarray, np.ndarray] | None = None
+    uplift: UpliftModel | None = None  # decides by incremental profit when there is one
 
 
 def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: Trigger,
@@ -266,12 +272,73 @@ def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: T
     decision carries the :func:`features` it was made on, for its outcome.
     """
     snapshot = features(state, ctx.now_ms, ctx.config)  # before a send updates the channels
-    decision = _decide(user_id, state, vector, trigger, prefs, ctx, vector_stale)
+    snapshot["vector"] = 0.0 if vector is None else 1.0
+    decision = _decide(user_id, state, vector, trigger, prefs, ctx, vector_stale, snapshot)
     if decision is None:
         return None
+    # Known only once decided: recorded, never an input of the uplift model.
     snapshot["score"] = round(min(decision.score, 1e6), 6)
-    snapshot["vector"] = 0.0 if vector is None else 1.0
     return replace(decision, features=snapshot, trigger=trigger)
+
+
+def uplift_columns(snapshots: Sequence[Mapping[str, float]],
+                   triggers: Sequence[str]) -> dict[str, list[Any]]:
+    """The uplift model's inputs: what the policy read (its :func:`features`, without the
+    decision's own ``score``) and the kind of trigger. Training (from `outcomes`) and serving
+    build them here, so they cannot drift apart."""
+    names = sorted({name for row in snapshots for name in row} - {"score"})
+    columns: dict[str, list[Any]] = {name: [row.get(name) for row in snapshots]
+                                     for name in names}
+    columns["trigger"] = [str(kind) for kind in triggers]
+    return columns
+
+
+def offer_worth(option: Option, conversion: Mapping[str, float], margin: float,
+                config: PolicyConfig) -> float:
+    """Expected incremental profit of an offer: the conversions it adds times the margin of
+    one, less what it costs (a coupon's discount whenever it converts; a push's cost)."""
+    if option.offer == OFFER_NONE:
+        return 0.0
+    if option.offer not in conversion:
+        return -math.inf  # the model never saw it: nothing says it pays
+    p = conversion[option.offer]
+    cost = option.amount * p if option.coupon is not None else config.push_cost
+    return (p - conversion[OFFER_NONE]) * margin - cost
+
+
+def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence[Option],
+                           ctx: Context, snapshot: Mapping[str, float]
+                           ) -> tuple[Option, dict[str, Any]]:
+    """The option worth most (nothing, if no offer pays), and the user's segment as a reason:
+
+    - ``persuadable``: an offer adds more than it costs;
+    - ``do_not_disturb``: every offer the model knows lowers the chance to convert;
+    - ``sure_thing``: nothing pays, and the user converts without an offer at least as often
+      as the average user did with the best one (the model's training rows say how often);
+    - ``lost_cause``: nothing pays, and the user is unlikely to convert either way.
+    """
+    model = ctx.uplift
+    assert model is not None
+    cfg = ctx.config
+    p = model.conversion(uplift_columns([snapshot], [trigger.kind]))[0]
+    conversion = dict(zip(model.actions, p.tolist(), strict=True))
+    order_value = state.spend / state.purchases if state.purchases else cfg.default_order_value
+    margin = cfg.margin_rate * order_value
+    worth = {o.offer: offer_worth(o, conversion, margin, cfg) for o in options}
+    best = max(options, key=lambda o: (worth[o.offer], o.offer == OFFER_NONE))
+    uplift = {a: conversion[a] - conversion[OFFER_NONE] for a in model.actions[1:]}
+    if best.offer != OFFER_NONE:
+        segment = "persuadable"
+    elif uplift and max(uplift.values()) < 0:
+        segment = "do_not_disturb"
+    elif conversion[OFFER_NONE] >= model.best_treated_rate:
+        segment = "sure_thing"
+    else:
+        segment = "lost_cause"
+    return best, {"code": segment, "p_none": round(conversion[OFFER_NONE], 4),
+                  "uplift": {a: round(u, 4) for a, u in uplift.items()},
+                  "worth": round(worth[best.offer], 4) if math.isfinite(worth[best.offer])
+                  else None}
 
 
 def features(state: UserState, now_ms: int, config: PolicyConfig) -> dict[str, float]:
@@ -293,8 +360,22 @@ def features(state: UserState, now_ms: int, config: PolicyConfig) -> dict[str, f
     }
 
 
+@dataclass
+class Option:
+    """One thing the policy may do for this trigger, ready to become a decision."""
+
+    offer: str  # OFFER_NONE, OFFER_PUSH or a key of COUPON_TIERS: the uplift model's actions
+    action: Action
+    score: float = 0.0
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+    coupon: Coupon | None = None
+    amount: float = 0.0  # the coupon's discount at this tier
+    push: dict[str, Any] | None = None
+
+
 def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: Trigger,
-            prefs: Preferences | None, ctx: Context, vector_stale: bool) -> Decision | None:
+            prefs: Preferences | None, ctx: Context, vector_stale: bool,
+            snapshot: dict[str, float]) -> Decision | None:
     cfg = ctx.config
     # A flag a preferences record leaves out counts as no record: the configured default.
     stated_push = prefs.push_opt_in if prefs else None
@@ -316,98 +397,151 @@ def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: 
     elif vector_stale:
         reasons.append({"code": "stale_vector"})
 
-    def none(*codes: str) -> Decision:
-        for code in codes:
-            reasons.append({"code": code})
-        return _decision(user_id, trigger, Action.NONE, 0.0, reasons, holdout, ctx)
-
     timezone = (prefs.timezone if prefs and prefs.timezone else cfg.default_timezone)
     if in_quiet_hours(ctx.now_ms, timezone, cfg):
-        return none("quiet_hours")
+        reasons.append({"code": "quiet_hours"})
+        return _decision(user_id, trigger, Option(OFFER_NONE, Action.NONE), reasons, holdout,
+                         ctx, {OFFER_NONE: 1.0})
 
+    # Every offer the rules allow now, each with its own reasons; `blocked` says why others
+    # are not among them.
     blocked: list[str] = []
+    coupons: list[Option] = []
+    coupon_blocks: dict[str, list[str]] | None = None
     if coupon_ok and trigger.kind != "cart_abandoned":
         block = _channel_block(state, "coupon", ctx.now_ms, cfg)
         if block:
             blocked.append(block)
         else:
-            chosen = _choose_coupon(state, vector, trigger, ctx, cold, reasons, blocked)
-            if chosen is not None:
-                coupon, amount, score = chosen
-                if not holdout:
-                    ctx.budgets[coupon.coupon_id].issue(amount)
-                payload = {"coupon_id": coupon.coupon_id, "discount": round(amount, 2),
-                           "min_spend": coupon.min_spend, "expires_at": coupon.valid_to_ms}
-                return _decision(user_id, trigger, Action.COUPON, score, reasons, holdout, ctx,
-                                 coupon=payload)
+            coupons, coupon_blocks = _coupon_options(state, vector, trigger, ctx, cold)
     elif not coupon_ok:
         blocked.append("coupon_opted_out")
-    if not push_ok:
-        return none(*blocked, "push_opted_out")
-    block = _channel_block(state, "push", ctx.now_ms, cfg)
-    if block:
-        return none(*blocked, block)
-    items, score = _push_items(state, vector, trigger, ctx, cold, reasons)
-    if not items:
-        return none(*blocked, "no_candidates")
-    for code in blocked:
-        reasons.append({"code": code})
-    template = "cart_reminder" if trigger.kind == TriggerKind.CART_ABANDONED else "recommendation"
-    return _decision(user_id, trigger, Action.PUSH, score, reasons, holdout, ctx,
-                     push={"template": template, "items": items})
+    push: Option | None = None
+    push_block = "push_opted_out" if not push_ok else _channel_block(state, "push", ctx.now_ms,
+                                                                      cfg)
+    if push_block is None:
+        push_reasons: list[dict[str, Any]] = []
+        items, score = _push_items(state, vector, trigger, ctx, cold, push_reasons)
+        if items:
+            template = ("cart_reminder" if trigger.kind == TriggerKind.CART_ABANDONED
+                        else "recommendation")
+            push = Option(OFFER_PUSH, Action.PUSH, score, push_reasons,
+                          push={"template": template, "items": items})
+        else:
+            push_block = "no_candidates"
+    static_coupon = None
+    if ctx.uplift is None and coupon_blocks is not None:  # the propensity tiers' coupon
+        static_coupon = _static_coupon(state, coupons, coupon_blocks, ctx, blocked)
+    nothing = Option(OFFER_NONE, Action.NONE, reasons=[{"code": code} for code in (
+        *blocked, *([push_block] if push_block else []))])
+    options = [nothing, *coupons, *([push] if push else [])]
+
+    if ctx.uplift is not None:
+        greedy, segment = _by_incremental_profit(state, trigger, options, ctx, snapshot)
+        reasons.append(segment)
+    else:  # the propensity tiers: a coupon if one suits, else a push, else nothing
+        greedy = static_coupon or push or nothing
+        if push is not None and greedy is push:
+            push.reasons.extend({"code": code} for code in blocked)
+    chosen, choices = (greedy, {greedy.offer: 1.0}) if holdout else _explore(
+        greedy, options, decision_id(user_id, trigger), cfg.exploration_share)
+    if chosen is not greedy:
+        reasons.append({"code": "explored", "instead_of": greedy.offer})
+    reasons.extend(chosen.reasons)
+    if chosen.coupon is not None and not holdout:
+        ctx.budgets[chosen.coupon.coupon_id].issue(chosen.amount)
+    return _decision(user_id, trigger, chosen, reasons, holdout, ctx, choices)
 
 
-def _decision(user_id: str, trigger: Trigger, action: Action, score: float,
-              reasons: list[dict[str, Any]], holdout: bool, ctx: Context,
-              coupon: dict[str, Any] | None = None,
-              push: dict[str, Any] | None = None) -> Decision:
+def _decision(user_id: str, trigger: Trigger, option: Option, reasons: list[dict[str, Any]],
+              holdout: bool, ctx: Context, choices: dict[str, float]) -> Decision:
+    coupon = option.coupon
+    payload = None if coupon is None else {
+        "coupon_id": coupon.coupon_id, "discount": round(option.amount, 2),
+        "min_spend": coupon.min_spend, "expires_at": coupon.valid_to_ms}
     return Decision(
-        decision_id=decision_id(user_id, trigger), user_id=user_id, action=action,
-        arm=Arm.HOLDOUT if holdout else Arm.TREATMENT, score=float(score), reasons=reasons,
-        model_version=ctx.model.model_version if ctx.model else "none",
-        policy_version=POLICY_VERSION, trigger_event_id=trigger.event_id,
-        created_at=ctx.now_ms, coupon=coupon, push=push)
+        decision_id=decision_id(user_id, trigger), user_id=user_id, action=option.action,
+        arm=Arm.HOLDOUT if holdout else Arm.TREATMENT, score=float(option.score),
+        reasons=reasons, model_version=ctx.model.model_version if ctx.model else "none",
+        policy_version=policy_version(ctx), trigger_event_id=trigger.event_id,
+        created_at=ctx.now_ms, coupon=payload, push=option.push, offer=option.offer,
+        propensity=round(choices[option.offer], 6),
+        choices={offer: round(p, 6) for offer, p in choices.items()})
+
+
+def policy_version(ctx: Context) -> str:
+    """The code's version, and the uplift model's when one decides."""
+    return POLICY_VERSION if ctx.uplift is None else f"{POLICY_VERSION}+{ctx.uplift.version}"
+
+
+def _explore(greedy: Option, options: Sequence[Option], decision: str,
+             share: float) -> tuple[Option, dict[str, float]]:
+    """With probability ``share`` an option at random, else ``greedy``; and each option's
+    probability of being the one. The draw is a hash of the decision id: deciding the same
+    trigger again (a replay, a retry) draws the same."""
+    n = len(options)
+    if n == 1 or share <= 0:
+        return greedy, {greedy.offer: 1.0}
+    draw = int.from_bytes(hashlib.sha256(b"explore:" + decision.encode()).digest()[:8],
+                          "big") / 2**64
+    chosen = options[min(n - 1, int(draw / share * n))] if draw < share else greedy
+    return chosen, {o.offer: share / n + (1 - share) * (o is greedy) for o in options}
 
 
 def _recent_indices(state: UserState, model: ItemModel) -> np.ndarray:
     return model.item_indices_from_keys(state.items.astype(np.int64))
 
 
-def _choose_coupon(state: UserState, vector: np.ndarray | None, trigger: Trigger, ctx: Context,
-                   cold: bool, reasons: list[dict[str, Any]],
-                   blocked: list[str]) -> tuple[Coupon, float, float] | None:
-    """The best eligible coupon, the discount to grant, and its score; None (with the reason
-    appended to ``blocked``) if no coupon should go out."""
+def _coupon_options(state: UserState, vector: np.ndarray | None, trigger: Trigger,
+                    ctx: Context, cold: bool) -> tuple[list[Option], dict[str, list[str]]]:
+    """Per discount tier, the best-matching valid coupon the budget allows at that tier; and
+    for a tier without one, the reasons why."""
+    options, blocks = [], {}
+    for offer, tier in COUPON_TIERS.items():
+        candidates: list[tuple[float, Coupon, float]] = []
+        budget_blocks: Counter[str] = Counter()
+        for coupon in ctx.coupons.values():
+            if not coupon.is_valid(ctx.now_ms):
+                continue
+            amount = coupon.value * tier
+            budget = ctx.budgets.get(coupon.coupon_id)
+            why_not = "budget_exhausted" if budget is None else budget.can_issue(
+                coupon, amount, ctx.now_ms)
+            if why_not:
+                budget_blocks[why_not] += 1
+                continue
+            score = _coupon_score(coupon, state, vector, trigger, ctx, cold)
+            if score is not None:
+                candidates.append((score, coupon, amount))
+        if not candidates:
+            blocks[offer] = sorted(budget_blocks) or ["no_eligible_coupon"]
+            continue
+        score, coupon, amount = max(candidates, key=lambda c: (c[0], c[1].coupon_id))
+        options.append(Option(offer, Action.COUPON, score, [
+            {"code": "coupon_match", "coupon_id": coupon.coupon_id,
+             "items": _explain(state, coupon.items, ctx)}], coupon=coupon, amount=amount))
+    return options, blocks
+
+
+def _static_coupon(state: UserState, coupons: list[Option], blocks: dict[str, list[str]],
+                   ctx: Context, blocked: list[str]) -> Option | None:
+    """The propensity tiers' choice among the coupon options: none for a user likely to buy
+    anyway, half the discount for a fairly likely one. None (with the reason appended to
+    ``blocked``) if no coupon should go out."""
     cfg = ctx.config
     p = calibrated(propensity(state, ctx.now_ms), cfg)
     if p >= cfg.no_coupon_propensity:
         blocked.append("likely_to_buy_anyway")
         return None
-    tier = 0.5 if p >= cfg.half_discount_propensity else 1.0
-    candidates: list[tuple[float, Coupon, float]] = []
-    budget_blocks: Counter[str] = Counter()
-    for coupon in ctx.coupons.values():
-        if not coupon.is_valid(ctx.now_ms):
-            continue
-        amount = coupon.value * tier
-        budget = ctx.budgets.get(coupon.coupon_id)
-        why_not = "budget_exhausted" if budget is None else budget.can_issue(
-            coupon, amount, ctx.now_ms)
-        if why_not:
-            budget_blocks[why_not] += 1
-            continue
-        score = _coupon_score(coupon, state, vector, trigger, ctx, cold)
-        if score is not None:
-            candidates.append((score, coupon, amount))
-    if not candidates:
-        blocked.extend(sorted(budget_blocks) or ["no_eligible_coupon"])
+    offer = "coupon_half" if p >= cfg.half_discount_propensity else "coupon_full"
+    chosen = next((o for o in coupons if o.offer == offer), None)
+    if chosen is None:
+        blocked.extend(blocks[offer])
         return None
-    score, coupon, amount = max(candidates, key=lambda c: (c[0], c[1].coupon_id))
-    if tier < 1.0:
-        reasons.append({"code": "half_discount_propensity", "propensity": round(p, 3)})
-    reasons.append({"code": "coupon_match", "coupon_id": coupon.coupon_id,
-                    "items": _explain(state, coupon.items, ctx)})
-    return coupon, amount, score
+    if offer == "coupon_half":
+        chosen = replace(chosen, reasons=[{"code": "half_discount_propensity",
+                                           "propensity": round(p, 3)}, *chosen.reasons])
+    return chosen
 
 
 def _coupon_score(coupon: Coupon, state: UserState, vector: np.ndarray | None,

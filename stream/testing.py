@@ -27,6 +27,7 @@ from stream.metrics import Metrics
 from stream.pipeline import BatchResult, OpenCart, Pipeline, Topics
 from stream.policy import ServingModel
 from stream.topics import expected_partition
+from stream.uplift_model import UpliftModel
 
 TOPICS = Topics(events="events", repartition="promo-events-repartition", dlq="events.dlq",
                 decisions="decisions", vectors="user-vectors", outcomes="outcomes")
@@ -165,9 +166,10 @@ class ListSink:
 
 @dataclass
 class FixedModel:
-    """A ``ModelSource`` that serves one encoder (or None: no model)."""
+    """A ``ModelSource`` that serves one encoder and one uplift model (None: no model)."""
 
     encoder: ServingModel | None = None
+    uplift: UpliftModel | None = None
 
 
 class Harness:

@@ -184,6 +184,13 @@ class UpliftModel:
         return np.asarray(p - p[:, :1])
 
     @property
+    def best_treated_rate(self) -> float:
+        """The training rows' conversion rate under their best action (0.5 if unknown)."""
+        rates = self.metrics.get("conversion_per_action", {})
+        treated = [float(r) for a, r in rates.items() if a != CONTROL]
+        return max(treated) if treated else 0.5
+
+    @property
     def version(self) -> str:
         return "uplift-" + hashlib.sha256(_model_json(self)).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ import pytest
 
 from encoder.inference import item_key
 from stream.config import PolicyConfig
-from stream.contracts import Coupon, Event, Preferences, Trigger
+from stream.contracts import Coupon, Decision, Event, Preferences, Trigger, TriggerKind
 from stream.policy import (
     POLICY_VERSION,
     Context,
@@ -24,6 +24,7 @@ from stream.policy import (
     partition_budget,
 )
 from stream.state import UserState, apply_events
+from stream.uplift_model import FeatureSpec, UpliftModel
 
 NOON = 1_760_011_200_000  # 2025-10-09 12:00 UTC
 DAY = 86_400_000
@@ -121,7 +122,7 @@ def test_a_cart_add_gets_the_coupon_for_that_item_with_reasons() -> None:
     body = orjson.loads(d.to_json())
     assert set(body) == {"decision_id", "user_id", "action", "coupon", "push", "score",
                          "reasons", "arm", "model_version", "policy_version",
-                         "trigger_event_id", "created_at"}
+                         "trigger_event_id", "created_at", "offer", "propensity", "choices"}
 
 
 def test_decision_ids_are_deterministic_per_user_trigger_and_policy() -> None:
@@ -364,3 +365,117 @@ def test_an_abandoned_cart_item_is_not_reported_as_lifted_by_the_repeat_prior() 
     assert decision is not None and decision.push is not None
     assert decision.push["items"][:2] == ["i3", "i7"]
     assert {"code": "repeat_item", "items": ["i7"]} in decision.reasons
+
+
+# --- logged exploration and the uplift policy ---------------------------------------------
+
+def triggers(n: int) -> list[Trigger]:
+    return [Trigger(TriggerKind.CART_ADD, f"e{k}", ("i3",), NOON) for k in range(n)]
+
+
+def test_every_decision_logs_its_offers_probability_and_the_probabilities_sum_to_one() -> None:
+    config = PolicyConfig(holdout_percent=0, exploration_share=0.2)
+    explored = 0
+    for trigger in triggers(400):
+        d = decide("u1", active_user(), VECTOR, trigger, None, ctx(config=config))
+        assert d is not None and d.choices is not None
+        assert set(d.choices) == {"none", "coupon_full", "coupon_half", "push"}
+        assert sum(d.choices.values()) == pytest.approx(1.0, abs=1e-5)
+        assert d.propensity == d.choices[d.offer]
+        # The greedy offer has 1 - share + share / 4, every other share / 4.
+        choices = d.choices
+        greedy = max(choices, key=lambda offer: choices[offer])
+        assert d.choices[greedy] == pytest.approx(0.8 + 0.05, abs=1e-5)
+        codes = [r["code"] for r in d.reasons]
+        if "explored" in codes:
+            explored += 1
+            assert d.offer != greedy
+    # A share of 0.2 over 4 options explores 20% and lands on another option 15% of the time.
+    assert 0.10 * 400 <= explored <= 0.20 * 400
+
+
+def test_the_exploration_draw_is_the_same_when_a_trigger_is_decided_again() -> None:
+    config = PolicyConfig(holdout_percent=0, exploration_share=0.5)
+    first = [decide("u1", active_user(), VECTOR, t, None, ctx(config=config)) for t in triggers(50)]
+    again = [decide("u1", active_user(), VECTOR, t, None, ctx(config=config)) for t in triggers(50)]
+    assert [d.offer for d in first if d] == [d.offer for d in again if d]
+    assert len({d.offer for d in first if d}) > 1
+
+
+def test_without_exploration_the_offer_is_certain() -> None:
+    d = decide("u1", active_user(), VECTOR, CART, None,
+               ctx(config=PolicyConfig(holdout_percent=0, exploration_share=0)))
+    assert d is not None and d.offer == "coupon_full" and d.choices == {"coupon_full": 1.0}
+
+
+def test_the_holdout_arm_is_never_treated_even_by_exploration_or_an_uplift_model() -> None:
+    config = PolicyConfig(holdout_percent=100, exploration_share=1.0)
+    for model in (None, constant_uplift({"none": 0.1, "coupon_full": 0.9, "push": 0.5})):
+        for trigger in triggers(50):
+            context = ctx(config=config)
+            context.uplift = model
+            d = decide("u1", active_user(), VECTOR, trigger, None, context)
+            assert d is not None and d.arm == "holdout" and not d.to_send
+            assert d.propensity == 1.0 and d.choices == {d.offer: 1.0}
+            assert context.budgets["c1"].spent == 0
+
+
+def constant_uplift(rates: dict[str, float], treated_rate: float = 0.5) -> UpliftModel:
+    """An uplift model whose conversion rates per action are ``rates`` for every user, trained
+    on rows that converted ``treated_rate`` of the time under their best action."""
+    def logit(p: float) -> float:
+        return float(np.log(p / (1 - p)))
+
+    actions = ("none", *[a for a in rates if a != "none"])
+    return UpliftModel(actions, FeatureSpec(()), np.zeros(0), np.ones(0),
+                       np.asarray([logit(rates[a]) - logit(rates["none"]) for a in actions[1:]]),
+                       logit(rates["none"]), 1.0,
+                       {"conversion_per_action": {"none": rates["none"], "best": treated_rate}})
+
+
+# margin 30 per conversion (no purchases yet: default order value 30, margin rate 1); the coupon
+# grants 5.0 in full or 2.5 at half, paid only when it converts.
+WORTH = PolicyConfig(holdout_percent=0, exploration_share=0, margin_rate=1.0,
+                     default_order_value=30.0, push_cost=0.5)
+
+
+def decide_with(rates: dict[str, float]) -> tuple[Decision, Context]:
+    context = ctx(config=WORTH)
+    context.uplift = constant_uplift(rates)
+    d = decide("u1", active_user(), VECTOR, CART, None, context)
+    assert d is not None
+    return d, context
+
+
+@pytest.mark.parametrize(("rates", "offer", "segment"), [
+    # full: 0.3 x 30 - 5 x 0.4 = 7.0; half: 0.2 x 30 - 2.5 x 0.3 = 5.25; push: 1.5 - 0.5 = 1.0
+    ({"none": 0.1, "coupon_full": 0.4, "coupon_half": 0.3, "push": 0.15}, "coupon_full",
+     "persuadable"),
+    # full: 0.2 x 30 - 5 x 0.3 = 4.5; half: 0.18 x 30 - 2.5 x 0.28 = 4.7: half the money, more
+    ({"none": 0.1, "coupon_full": 0.3, "coupon_half": 0.28, "push": 0.1}, "coupon_half",
+     "persuadable"),
+    # push: 0.1 x 30 - 0.5 = 2.5; full: 0.02 x 30 - 5 x 0.12 = 0
+    ({"none": 0.1, "coupon_full": 0.12, "coupon_half": 0.1, "push": 0.2}, "push",
+     "persuadable"),
+    # Buys anyway: nothing pays (full: 0 - 4.5); converts more than the treated average.
+    ({"none": 0.9, "coupon_full": 0.9, "coupon_half": 0.9, "push": 0.9}, "none", "sure_thing"),
+    ({"none": 0.02, "coupon_full": 0.021, "coupon_half": 0.02, "push": 0.02}, "none",
+     "lost_cause"),
+    ({"none": 0.3, "coupon_full": 0.25, "coupon_half": 0.28, "push": 0.1}, "none",
+     "do_not_disturb"),
+])
+def test_the_uplift_policy_picks_the_most_incremental_profit_and_names_the_segment(
+        rates: dict[str, float], offer: str, segment: str) -> None:
+    d, context = decide_with(rates)
+    assert d.offer == offer
+    reason = next(r for r in d.reasons if r["code"] == segment)
+    assert reason["p_none"] == pytest.approx(rates["none"], abs=1e-4)
+    assert context.uplift is not None
+    assert d.policy_version == f"{POLICY_VERSION}+{context.uplift.version}"
+    assert context.budgets["c1"].spent == (5.0 if offer == "coupon_full"
+                                           else 2.5 if offer == "coupon_half" else 0.0)
+
+
+def test_an_offer_the_uplift_model_never_saw_is_not_chosen_for_it() -> None:
+    d, _ = decide_with({"none": 0.1, "push": 0.11})  # a model trained without coupons
+    assert d.offer == "none"  # push: 0.01 x 30 - 0.5 < 0; coupons: no estimate
