@@ -536,7 +536,9 @@ class Decision:
     features: dict[str, float] | None = None
     trigger: Trigger | None = None  # what fired it (the kind is also reasons[0]["code"])
     # What was offered in the uplift model's words (none, push, coupon_full, coupon_half),
-    # the probability the policy gave it (below 1 under exploration), and every option's.
+    # the probability its arm gave it (below 1 under exploration; 1 in the holdout, which
+    # records what treatment would have preferred), and the treatment arm's probability of
+    # every option (logged for holdout decisions too).
     offer: str = "none"
     propensity: float = 1.0
     choices: dict[str, float] | None = None

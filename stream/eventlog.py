@@ -17,13 +17,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from typing import TYPE_CHECKING
 
 from encoder.data import DataError, Interaction
 from stream.config import ContractSettings, KafkaSettings
 from stream.contracts import Event, Limits, Rejection, parse_event
-from stream.topics import client_kwargs
+from stream.topics import TopicMissing, read_snapshot
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
 
 
 @dataclass
@@ -49,60 +51,29 @@ async def read_events(kafka: KafkaSettings, contract: ContractSettings, *,
                       on_progress: Callable[[int, int], None] | None = None) -> EventLog:
     """Every event in the topic up to its current end, parsed by the contract, in time order.
     ``on_progress(read, total)`` is called after each fetch."""
-    consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
-                                isolation_level="read_committed")
-    await consumer.start()
+    rule = Limits.from_contract(contract)
+    now_ms = int(time.time() * 1000)
+    seen: set[str] = set()
+    events: list[Event] = []
+    skipped: Counter[str] = Counter()
+
+    def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+        parsed = parse_event(record.value, record.key, now_ms=now_ms, limits=rule)
+        if isinstance(parsed, Rejection):
+            skipped[parsed.reason.value] += 1
+        elif parsed.event_id in seen:
+            skipped["duplicate_event"] += 1
+        else:
+            seen.add(parsed.event_id)
+            events.append(parsed)
+
     try:
-        partitions = consumer.partitions_for_topic(kafka.events_topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()  # a fresh client may not know yet
-            partitions = consumer.partitions_for_topic(kafka.events_topic)
-        if not partitions:
-            raise DataError(f"topic {kafka.events_topic!r} not found on "
-                            f"{kafka.bootstrap_servers}")
-        tps = [TopicPartition(kafka.events_topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        start = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
-        total = sum(end[tp] - start[tp] for tp in tps)
-        pending = {tp for tp in tps if end[tp] > start[tp]}
-        rule = Limits.from_contract(contract)
-        now_ms = int(time.time() * 1000)
-        seen: set[str] = set()
-        events: list[Event] = []
-        skipped: Counter[str] = Counter()
-        read = 0
-        deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {kafka.events_topic} took over {timeout:.0f} s")
-            batch = await consumer.getmany(*pending, timeout_ms=1000, max_records=10_000)
-            for tp, records in batch.items():
-                for record in records:
-                    if record.offset >= end[tp]:
-                        continue
-                    read += 1
-                    parsed = parse_event(record.value, record.key, now_ms=now_ms, limits=rule)
-                    if isinstance(parsed, Rejection):
-                        skipped[parsed.reason.value] += 1
-                    elif parsed.event_id in seen:
-                        skipped["duplicate_event"] += 1
-                    else:
-                        seen.add(parsed.event_id)
-                        events.append(parsed)
-            for tp in list(pending):
-                # Under read_committed, transaction markers take offsets too: position decides.
-                if await consumer.position(tp) >= end[tp]:
-                    pending.discard(tp)
-            if on_progress:
-                on_progress(read, total)
-    finally:
-        await consumer.stop()
+        end = await read_snapshot(kafka, kafka.events_topic, keep, timeout=timeout,
+                                  on_progress=on_progress)
+    except TopicMissing as exc:
+        raise DataError(str(exc)) from exc
     events.sort(key=lambda e: e.ts)  # stable: a user's events keep their log order on ties
-    return EventLog([to_interaction(e) for e in events],
-                    {tp.partition: end[tp] for tp in tps}, skipped)
+    return EventLog([to_interaction(e) for e in events], end, skipped)
 
 
 def load(kafka: KafkaSettings, contract: ContractSettings, *,

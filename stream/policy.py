@@ -443,9 +443,13 @@ def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: 
         greedy = static_coupon or push or nothing
         if push is not None and greedy is push:
             push.reasons.extend({"code": code} for code in blocked)
-    chosen, choices = (greedy, {greedy.offer: 1.0}) if holdout else _explore(
-        greedy, options, decision_id(user_id, trigger), cfg.exploration_share)
-    if chosen is not greedy:
+    # `choices` is the treatment arm's draw, logged for the holdout too: with the holdout
+    # share it gives every outcome the probability of what the user actually got.
+    chosen, choices = _explore(greedy, options, decision_id(user_id, trigger),
+                               cfg.exploration_share)
+    if holdout:
+        chosen = greedy  # recorded as what treatment would have preferred, never sent
+    elif chosen is not greedy:
         reasons.append({"code": "explored", "instead_of": greedy.offer})
     reasons.extend(chosen.reasons)
     if chosen.coupon is not None and not holdout:
@@ -465,7 +469,7 @@ def _decision(user_id: str, trigger: Trigger, option: Option, reasons: list[dict
         reasons=reasons, model_version=ctx.model.model_version if ctx.model else "none",
         policy_version=policy_version(ctx), trigger_event_id=trigger.event_id,
         created_at=ctx.now_ms, coupon=payload, push=option.push, offer=option.offer,
-        propensity=round(choices[option.offer], 6),
+        propensity=1.0 if holdout else round(choices[option.offer], 6),
         choices={offer: round(p, 6) for offer, p in choices.items()})
 
 

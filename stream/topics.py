@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from stream.config import KafkaSettings
 from stream.contracts import DAY_MS
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer
+    from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,60 @@ def topic_specs(kafka: KafkaSettings, app_id: str | None = None) -> list[TopicSp
         specs += [TopicSpec(repartition_topic(app_id, "events"), p, week),
                   TopicSpec(repartition_topic(app_id, "preferences"), p, week)]
     return specs
+
+
+async def read_snapshot(kafka: KafkaSettings, topic: str,
+                        handle: Callable[[ConsumerRecord[bytes, bytes]], None], *,
+                        timeout: float = 600.0,
+                        on_progress: Callable[[int, int], None] | None = None) -> dict[int, int]:
+    """Hand every record of ``topic`` to ``handle``, from the beginning up to the end offsets
+    taken when reading starts (records arriving meanwhile wait for the next read), with
+    ``read_committed``: an aborted transaction's records never reach it. Returns partition ->
+    the offset reading stopped at; ``on_progress(read, total)`` is called after each fetch."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()  # a fresh client may not know yet
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise TopicMissing(f"topic {topic!r} not found on {kafka.bootstrap_servers}")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        start = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        total = sum(end[tp] - start[tp] for tp in tps)
+        pending = {tp for tp in tps if end[tp] > start[tp]}
+        read = 0
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} took over {timeout:.0f} s")
+            batch = await consumer.getmany(*pending, timeout_ms=1000, max_records=10_000)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset < end[tp]:
+                        read += 1
+                        handle(record)
+            for tp in list(pending):
+                # Under read_committed, transaction markers take offsets too: position decides.
+                if await consumer.position(tp) >= end[tp]:
+                    pending.discard(tp)
+            if on_progress:
+                on_progress(read, total)
+    finally:
+        await consumer.stop()
+    return {tp.partition: end[tp] for tp in tps}
+
+
+class TopicMissing(LookupError):
+    """The topic to read does not exist on the broker."""
 
 
 def client_kwargs(kafka: KafkaSettings) -> dict[str, Any]:

@@ -17,7 +17,10 @@ the L2 penalty on their coefficients grows as ``1 / s**2``:
   the data hold real differences.
 
 ``s`` is chosen from a grid by the Qini coefficient of pooled out-of-fold predictions on the
-training rows, so the data decide between the two bets. One model covers every action: the
+training rows, so the data decide between the two bets. Rows from the product's log, where
+users had unequal chances of each offer, come weighted by inverse propensity; an unweighted
+Qini would compare offers on different users there, so the weighted out-of-fold log-loss
+chooses instead. One model covers every action: the
 policy compares none, push and each coupon tier on the same scale.
 
 **What is ours** is the encoding of any table of features (numbers as they are and as signed
@@ -247,7 +250,18 @@ def fit(columns: Columns, actions: Vector, converted: Vector,
                 progress(done, total)
     selection = {s: qini_per_action(out_of_fold[s] - out_of_fold[s][:, :1], index, y, all_actions)
                  for s in shrinkages}
-    best = max(shrinkages, key=lambda s: (selection[s]["mean"], -s))
+    fit_loss = {s: _log_loss(out_of_fold[s][np.arange(len(y)), index], y, w) for s in shrinkages}
+    if weights is None:
+        # Randomized rows: rank quality decides. Ties (few features can order users the same
+        # way for every s) go to the better-fitting probabilities: the policy weighs sizes.
+        selected_by = "qini"
+        best = max(shrinkages, key=lambda s: (selection[s]["mean"], -fit_loss[s], -s))
+    else:
+        # A log whose rows had unequal chances: an unweighted Qini compares the offers on
+        # different users and is biased; the weighted log-loss (a proper score of the very
+        # probabilities the policy uses) is not.
+        selected_by = "weighted_log_loss"
+        best = min(shrinkages, key=lambda s: (fit_loss[s], s))
     final = learner().fit(_design(z, index, k, best), y, sample_weight=w)
     if progress:
         progress(total, total)
@@ -255,10 +269,16 @@ def fit(columns: Columns, actions: Vector, converted: Vector,
                "rows_per_action": {a: int((index == i).sum()) for i, a in enumerate(all_actions)},
                "conversion_per_action": {a: float(y[index == i].mean())
                                          for i, a in enumerate(all_actions)},
-               "shrinkage": best,
-               "out_of_fold_qini": {str(s): selection[s] for s in shrinkages}}
+               "shrinkage": best, "selected_by": selected_by,
+               "out_of_fold_qini": {str(s): selection[s] for s in shrinkages},
+               "out_of_fold_log_loss": {str(s): fit_loss[s] for s in shrinkages}}
     return UpliftModel(all_actions, spec, mean, scale, final.coef_[0].astype(np.float64),
                        float(final.intercept_[0]), float(best), metrics)
+
+
+def _log_loss(p: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
+    p = np.clip(p, 1e-9, 1 - 1e-9)
+    return float(-np.average(y * np.log(p) + (1 - y) * np.log(1 - p), weights=weights))
 
 
 def qini_per_action(uplift: np.ndarray, action_index: np.ndarray, converted: np.ndarray,

@@ -1,4 +1,5 @@
-"""`promo train-uplift`: an uplift model from a randomized test, judged on rows it never saw.
+"""`promo train-uplift`: an uplift model from a randomized test or the product's own log,
+judged on rows it never saw.
 
 Any CSV of a randomized test will do. One column names the action each row got (one value
 means nothing was done), one says whether the row converted (0/1), and every other column
@@ -11,22 +12,32 @@ part gives the figures a data scientist reads first:
 - a Qini curve per action (``qini_curves.png``).
 
 All of it goes into the checkpoint's ``metrics.json``.
+
+The product's own log (the `outcomes` topic, :func:`from_outcomes`) is not one randomized test
+but the holdout plus logged exploration; its rows are weighted by inverse propensity. Its
+held-out Qini is then only indicative: `promo evaluate-policy` judges a model on the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream import uplift_model
+from stream.config import KafkaSettings, PolicyConfig
+from stream.contracts import Outcome
 from stream.uplift_model import CONTROL, UpliftModel
+
+if TYPE_CHECKING:
+    from aiokafka import ConsumerRecord
 
 TOP_SHARE = 0.3  # uplift "at 30%": the share of users a campaign typically targets
 
@@ -40,6 +51,9 @@ class RandomizedTable:
     columns: dict[str, np.ndarray]  # features only
     actions: np.ndarray  # str per row; the control value is renamed CONTROL
     converted: np.ndarray  # 0/1 per row
+    # 1 / the probability each row got its action, where that was not the same for everyone
+    # (the product's own log); None: a randomized test, every row counts once.
+    weights: np.ndarray | None = None
 
 
 def read_csv(path: Path, treatment_col: str, outcome_col: str, control: str,
@@ -95,7 +109,51 @@ def split(table: RandomizedTable, held_out_share: float,
 
 def subset(table: RandomizedTable, rows: np.ndarray) -> RandomizedTable:
     return RandomizedTable({name: values[rows] for name, values in table.columns.items()},
-                           table.actions[rows], table.converted[rows])
+                           table.actions[rows], table.converted[rows],
+                           None if table.weights is None else table.weights[rows])
+
+
+def read_outcomes(kafka: KafkaSettings, *, progress: bool = True) -> list[Outcome]:
+    """Every decision's latest outcome in the `outcomes` topic (compacted: one per decision
+    id, the last one written wins), with a progress bar on stderr."""
+    from tqdm import tqdm
+
+    from stream.topics import read_snapshot
+
+    latest: dict[bytes, Outcome] = {}
+    with tqdm(unit="outcome", desc=f"reading {kafka.outcomes_topic}",
+              disable=not progress) as bar:
+        def show(read: int, total: int) -> None:
+            bar.total, bar.n = total, read
+            bar.refresh()
+
+        def keep(record: ConsumerRecord[bytes, bytes]) -> None:
+            if record.key is not None and record.value is not None:
+                latest[record.key] = Outcome.from_json(record.value)
+
+        asyncio.run(read_snapshot(kafka, kafka.outcomes_topic, keep, on_progress=show))
+    return list(latest.values())
+
+
+def from_outcomes(outcomes: Sequence[Outcome], config: PolicyConfig) -> RandomizedTable:
+    """The product's log as training rows: what each user actually got (nothing, in the
+    holdout), the features the policy read, and whether they converted, weighted by one over
+    the probability of what they got (:func:`stream.offpolicy.read_log`). Rows the policy
+    favoured count less and explored ones more: the model learns what each offer changes,
+    not what the old policy liked. Evicted decisions have no result and are left out."""
+    from stream.offpolicy import read_log
+
+    try:
+        log = read_log(outcomes, config)
+    except ValueError as exc:
+        raise TableError(f"the outcomes topic: {exc}") from exc
+    if (log.probability <= 0).any():
+        raise TableError("an outcome's offer had probability 0 in its own log: were the "
+                         "holdout share or the records changed?")
+    columns = {name: np.asarray(values, dtype=object if name == "trigger" else np.float64)
+               for name, values in log.columns.items()}
+    return RandomizedTable(columns, log.got, np.asarray([int(o.converted) for o in log.outcomes]),
+                           1 / log.probability)
 
 
 def evaluate(model: UpliftModel, table: RandomizedTable, seed: int = 0) -> dict[str, Any]:
@@ -174,7 +232,7 @@ def train(table: RandomizedTable, out_dir: Path, held_out_share: float = 0.3, se
 
     try:
         model = uplift_model.fit(training.columns, training.actions, training.converted,
-                                 seed=seed, progress=advance)
+                                 training.weights, seed=seed, progress=advance)
     finally:
         bar.close()
     extra: dict[str, bytes] = {}

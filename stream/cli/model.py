@@ -287,8 +287,9 @@ def publish(context: Context, candidate: Path, live: Path, data: DataChoice,
         promo train --from-kafka --out models/v2
         promo publish --candidate models/v2 --live models/current --from-kafka
     """
-    import os
-
+    if (candidate / "uplift.json").exists():  # an uplift model: judged on the outcomes log
+        _publish_uplift(context, candidate, live, data, min_gain, dry_run, as_json)
+        return
     from encoder.checkpoint import CheckpointError, load
 
     _, rows, _ = load_data(context.settings, data)
@@ -309,14 +310,7 @@ def publish(context: Context, candidate: Path, live: Path, data: DataChoice,
     else:
         better = old_value is None or new_value > old_value + min_gain
     if better and not dry_run:
-        if live.is_dir() and not live.is_symlink():
-            raise click.ClickException(f"{live} is a directory, not a symlink: point workers "
-                                       "at a symlink (e.g. models/current) so it can be "
-                                       "re-pointed atomically")
-        live.parent.mkdir(parents=True, exist_ok=True)
-        staged = live.with_name(f".{live.name}.{os.getpid()}")
-        os.symlink(candidate.resolve(), staged)
-        os.replace(staged, live)  # atomic: a worker sees the old model or the new, never none
+        _repoint(live, candidate)
     result = {"metric": metric,
               "live": None if old is None else {"model_version": old.model_version,
                                                 "value": old_value},
@@ -329,6 +323,48 @@ def publish(context: Context, candidate: Path, live: Path, data: DataChoice,
         click.echo(f"{metric}: live {was}; candidate {new.model_version} {new_value:.4f}")
         click.echo(f"published {live} -> {candidate}" if result["published"]
                    else "not published")
+
+
+def _repoint(live: Path, candidate: Path) -> None:
+    """Re-point the ``live`` symlink at ``candidate`` atomically: a worker polling it sees the
+    old model or the new, never none."""
+    import os
+
+    if live.is_dir() and not live.is_symlink():
+        raise click.ClickException(f"{live} is a directory, not a symlink: point workers at a "
+                                   "symlink (e.g. models/current) so it can be re-pointed "
+                                   "atomically")
+    live.parent.mkdir(parents=True, exist_ok=True)
+    staged = live.with_name(f".{live.name}.{os.getpid()}")
+    os.symlink(candidate.resolve(), staged)
+    os.replace(staged, live)
+
+
+def _publish_uplift(context: Context, candidate: Path, live: Path, data: DataChoice,
+                    min_gain: float, dry_run: bool, as_json: bool) -> None:
+    """Publish an uplift model only if its policy beats the live one on the outcomes log:
+    its doubly robust incremental profit per decision must exceed the live policy's (the live
+    uplift model's, else the policy that wrote the log) by more than ``min_gain``."""
+    from stream.cli.uplift import judge_from_kafka
+
+    if not data.from_kafka:
+        raise click.UsageError("an uplift model is judged on the outcomes log: pass --from-kafka")
+    result = judge_from_kafka(context, candidate, live, progress=not as_json)
+    by_name = {row["name"]: row for row in result["policies"]}
+    new_value, old_value = by_name["candidate"]["dr"]["value"], by_name["live"]["dr"]["value"]
+    better = result["candidate"] != result["live"] and new_value > old_value + min_gain
+    if better and not dry_run:
+        _repoint(live, candidate)
+    outcome = {"metric": "dr/incremental_profit_per_decision",
+               "live": {"model_version": result["live"], "value": old_value},
+               "candidate": {"model_version": result["candidate"], "value": new_value},
+               "published": better and not dry_run}
+    if as_json:
+        sys.stdout.write(json.dumps(outcome) + "\n")
+        return
+    click.echo(f"incremental profit per decision (DR): live {result['live']} {old_value:.4f}; "
+               f"candidate {result['candidate']} {new_value:.4f}")
+    click.echo(f"published {live} -> {candidate}" if outcome["published"] else "not published")
 
 
 @click.command("simulate")

@@ -49,7 +49,9 @@ def simulate(rows: Sequence[Interaction], encoder: ServingModel, config: Simulat
     catalog = list(coupons) if coupons is not None else generated_catalog(
         before, cut, after[-1].ts_ms, users_after, config)
     by_id = {c.coupon_id: c for c in catalog}
-    policy_cfg = config.policy
+    # Each policy is judged on its own choices: logged exploration is what a live worker spends
+    # to learn, measured there against the holdout, not part of what is compared here.
+    policy_cfg = dataclasses.replace(config.policy, exploration_share=0.0)
     if not config.quiet_hours:
         policy_cfg = dataclasses.replace(policy_cfg, quiet_start_hour=0, quiet_end_hour=0)
     repeat_tuning: dict[str, Any] = {"configured": policy_cfg.push_repeat_weight}

@@ -65,7 +65,7 @@ def _score(encoder: Encoder, events: list[tuple[str, str]], target: int) -> floa
 def test_removing_the_named_item_lowers_the_score_more_than_removing_a_random_one(
         encoder: Encoder, histories: dict[str, list[tuple[str, str]]]) -> None:
     config = PolicyConfig(quiet_start_hour=0, quiet_end_hour=0, explain_items=1,
-                          default_coupon_opt_in=False)
+                          default_coupon_opt_in=False, exploration_share=0.0)
     rng = np.random.default_rng(0)
     named_drops, random_drops = [], []
     for user, events in histories.items():

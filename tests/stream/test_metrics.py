@@ -26,6 +26,7 @@ pytestmark = pytest.mark.kafka
 
 # Every label the worker may export, and the most distinct values any may take.
 ALLOWED_LABELS = {"type", "reason", "action", "arm", "kind", "stage", "partition", "le",
+                  "offer", "chosen",
                   "version", "path", "campaign", "converted",  # converted: true or false
                   "endpoint", "status"}  # the pull API's: a route name, an HTTP status
 MAX_VALUES_PER_LABEL = 32

@@ -416,7 +416,9 @@ def test_the_holdout_arm_is_never_treated_even_by_exploration_or_an_uplift_model
             context.uplift = model
             d = decide("u1", active_user(), VECTOR, trigger, None, context)
             assert d is not None and d.arm == "holdout" and not d.to_send
-            assert d.propensity == 1.0 and d.choices == {d.offer: 1.0}
+            # What treatment would have drawn from is logged; nothing was drawn or sent.
+            assert d.propensity == 1.0 and "explored" not in [r["code"] for r in d.reasons]
+            assert d.choices is not None and sum(d.choices.values()) == pytest.approx(1.0)
             assert context.budgets["c1"].spent == 0
 
 

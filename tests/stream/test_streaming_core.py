@@ -39,7 +39,8 @@ from tests.workers import (
 pytestmark = pytest.mark.kafka
 
 DECISION_KEYS = {"decision_id", "user_id", "action", "coupon", "push", "score", "reasons", "arm",
-                 "model_version", "policy_version", "trigger_event_id", "created_at"}
+                 "model_version", "policy_version", "trigger_event_id", "created_at", "offer",
+                 "propensity", "choices"}
 
 
 def now_ms() -> int:

@@ -1,0 +1,190 @@
+"""Judging a policy on the log before it serves: inverse propensity and doubly robust.
+
+Every decision logs the probability of each offer it could have made (``choices``; the holdout
+share adds "nothing" for its users), so the log says how likely each user was to get what they
+got. A candidate policy's value is then estimable from the log alone: the rows where the
+candidate would have done what was done, weighted by one over that probability (inverse
+propensity, IPS; self-normalized, as it is steadier), or a model's prediction for the
+candidate's offer corrected by the same weighted residuals (doubly robust, DR: unbiased if
+either the propensities or the model are right, and with far less variance than IPS). Both
+come with a 95% normal interval over rows.
+
+The value of a decision is its **incremental profit**: the margin of a conversion
+(``margin_rate`` x the user's average order, as the policy computes it), less the coupon's
+discount when it was redeemed and ``push_cost`` for a push. Since a policy that does nothing
+earns the same baseline on every row, differences between policies are differences in
+incremental profit.
+
+A candidate decides as the worker would: the offer worth most among those the decision could
+have made (the keys of ``choices``). The log does not keep the discount of coupon offers that
+were not made; the candidate values them at the median discount each tier was granted in the
+log (documented in docs/uplift.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream import policy
+from stream.config import PolicyConfig
+from stream.contracts import Arm, Outcome
+from stream.uplift_model import CONTROL, UpliftModel
+
+Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float  # incremental profit per decision, in the shop's money
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, terms: np.ndarray) -> Estimate:
+        mean = float(terms.mean())
+        half = Z95 * float(terms.std(ddof=1)) / math.sqrt(len(terms)) if len(terms) > 1 else 0.0
+        return cls(mean, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    name: str
+    ips: Estimate
+    dr: Estimate
+    matched: int  # rows where the policy would have done what was done
+
+
+@dataclass(frozen=True)
+class Log:
+    """The outcomes topic as arrays, one row per closed (not evicted) decision."""
+
+    outcomes: list[Outcome]
+    got: np.ndarray  # the offer each user actually got (holdout: none)
+    probability: np.ndarray  # the chance they got it
+    reward: np.ndarray  # incremental profit terms: margin if converted, less costs
+    margin: np.ndarray
+    columns: dict[str, list[object]]  # the uplift model's inputs
+    discount: dict[str, float]  # median discount granted per coupon tier
+
+    @property
+    def options(self) -> list[list[str]]:
+        return [sorted((o.choices or {o.offer: 1.0}).keys()) for o in self.outcomes]
+
+
+def margin_of(features: dict[str, float], config: PolicyConfig) -> float:
+    """What one conversion of this user earns: as :func:`stream.policy` computes it."""
+    purchases, spend = features.get("purchases", 0.0), features.get("spend", 0.0)
+    order = spend / purchases if purchases > 0 else config.default_order_value
+    return config.margin_rate * order
+
+
+def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
+    kept = [o for o in outcomes if not o.evicted]
+    if not kept:
+        raise ValueError("no closed decisions in the log yet")
+    share = config.holdout_percent / 100
+    got = [CONTROL if o.arm == Arm.HOLDOUT else o.offer for o in kept]
+    probability = np.asarray([
+        share * (offer == CONTROL) + (1 - share) * (o.choices or {o.offer: 1.0}).get(offer, 0.0)
+        for o, offer in zip(kept, got, strict=True)])
+    margin = np.asarray([margin_of(o.features, config) for o in kept])
+    cost = np.asarray([(o.discount if o.redeemed else 0.0)
+                       + (config.push_cost if offer == policy.OFFER_PUSH else 0.0)
+                       for o, offer in zip(kept, got, strict=True)])
+    reward = margin * np.asarray([o.converted for o in kept], dtype=np.float64) - cost
+    discount: dict[str, float] = {}
+    for tier in policy.COUPON_TIERS:
+        granted = [o.discount for o, offer in zip(kept, got, strict=True) if offer == tier]
+        if granted:
+            discount[tier] = float(np.median(granted))
+    full = discount.get("coupon_full")
+    for tier, share_of_value in policy.COUPON_TIERS.items():
+        if tier not in discount and full is not None:
+            discount[tier] = full * share_of_value
+    columns = policy.uplift_columns([o.features for o in kept], [o.trigger for o in kept])
+    return Log(kept, np.asarray(got), probability, reward, margin, columns, discount)
+
+
+def greedy_of(model: UpliftModel, log: Log, config: PolicyConfig) -> np.ndarray:
+    """The offer the model's policy would make on each row, among the row's options."""
+    conversion = model.conversion(log.columns)
+    chosen = []
+    for row, options in enumerate(log.options):
+        rates = dict(zip(model.actions, conversion[row].tolist(), strict=True))
+        best, best_worth = CONTROL, 0.0
+        for offer in options:
+            worth = _worth(offer, rates, log.margin[row], log.discount, config)
+            if worth > best_worth:
+                best, best_worth = offer, worth
+        chosen.append(best)
+    return np.asarray(chosen)
+
+
+def _worth(offer: str, rates: dict[str, float], margin: float, discount: dict[str, float],
+           config: PolicyConfig) -> float:
+    if offer == CONTROL or offer not in rates:
+        return 0.0 if offer == CONTROL else -math.inf
+    p = rates[offer]
+    cost = (discount.get(offer, 0.0) * p if offer in policy.COUPON_TIERS
+            else config.push_cost)
+    return (p - rates[CONTROL]) * margin - cost
+
+
+def logged_greedy(log: Log) -> np.ndarray:
+    """What the policy that wrote the log preferred on each row (its most likely offer; the
+    holdout records it as its offer)."""
+    def preferred(o: Outcome) -> str:
+        if o.arm == Arm.HOLDOUT or not o.choices:
+            return o.offer
+        choices = o.choices
+        return max(choices, key=lambda offer: (choices[offer], offer))
+
+    return np.asarray([preferred(o) for o in log.outcomes])
+
+
+def judge(name: str, chosen: np.ndarray, log: Log,
+          expected_reward: Callable[[np.ndarray], np.ndarray]) -> Judgement:
+    """IPS and DR estimates of the policy that makes ``chosen`` on each row.
+    ``expected_reward(offers)`` is the reward model's prediction per row for those offers."""
+    match = (chosen == log.got).astype(np.float64)
+    weight = match / log.probability
+    # Self-normalized IPS: its per-row terms, so that their mean is the estimate.
+    ips_terms = weight * log.reward / weight.mean() if weight.sum() > 0 else weight
+    predicted_chosen = expected_reward(chosen)
+    predicted_got = expected_reward(log.got)
+    dr_terms = predicted_chosen + weight * (log.reward - predicted_got)
+    return Judgement(name, Estimate.of(ips_terms), Estimate.of(dr_terms), int(match.sum()))
+
+
+def reward_model(model: UpliftModel, log: Log,
+                 config: PolicyConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Expected incremental profit of given offers per row, from ``model``'s conversion rates
+    (0 for an offer the model does not know: no evidence it does anything)."""
+    conversion = model.conversion(log.columns)
+    index = {a: i for i, a in enumerate(model.actions)}
+
+    def expected(offers: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(offers))
+        for row, offer in enumerate(offers.tolist()):
+            p = conversion[row, index.get(offer, 0)]
+            cost = (log.discount.get(offer, 0.0) * p if offer in policy.COUPON_TIERS
+                    else config.push_cost if offer == policy.OFFER_PUSH else 0.0)
+            out[row] = p * log.margin[row] - cost
+        return out
+
+    return expected
+
+
+def compare(candidate: UpliftModel, live: UpliftModel | None, log: Log,
+            config: PolicyConfig) -> list[Judgement]:
+    """The candidate, the live policy (the live model's, else what wrote the log) and doing
+    nothing, judged on the same rows with the candidate as the reward model."""
+    expected = reward_model(candidate, log, config)
+    live_choice = greedy_of(live, log, config) if live is not None else logged_greedy(log)
+    return [judge("candidate", greedy_of(candidate, log, config), log, expected),
+            judge("live", live_choice, log, expected),
+            judge("nothing", np.full(len(log.got), CONTROL), log, expected)]
