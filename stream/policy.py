@@ -314,8 +314,8 @@ def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence
     - ``persuadable``: an offer adds more than it costs;
     - ``do_not_disturb``: every offer the model knows lowers the chance to convert;
     - ``sure_thing``: nothing pays, and the user converts without an offer at least as often
-      as the average user did with the best one (the model's training rows say how often);
-    - ``lost_cause``: nothing pays, and the user is unlikely to convert either way.
+      as the average user does (the base rate of the model's training rows);
+    - ``lost_cause``: nothing pays, and the user converts less often than that either way.
     """
     model = ctx.uplift
     assert model is not None
@@ -331,7 +331,7 @@ def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence
         segment = "persuadable"
     elif uplift and max(uplift.values()) < 0:
         segment = "do_not_disturb"
-    elif conversion[OFFER_NONE] >= model.best_treated_rate:
+    elif conversion[OFFER_NONE] >= model.base_rate:
         segment = "sure_thing"
     else:
         segment = "lost_cause"
@@ -449,7 +449,7 @@ def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: 
                                cfg.exploration_share)
     if holdout:
         chosen = greedy  # recorded as what treatment would have preferred, never sent
-    elif chosen is not greedy:
+    elif chosen.offer != greedy.offer:
         reasons.append({"code": "explored", "instead_of": greedy.offer})
     reasons.extend(chosen.reasons)
     if chosen.coupon is not None and not holdout:
@@ -488,8 +488,11 @@ def _explore(greedy: Option, options: Sequence[Option], decision: str,
         return greedy, {greedy.offer: 1.0}
     draw = int.from_bytes(hashlib.sha256(b"explore:" + decision.encode()).digest()[:8],
                           "big") / 2**64
-    chosen = options[min(n - 1, int(draw / share * n))] if draw < share else greedy
-    return chosen, {o.offer: share / n + (1 - share) * (o is greedy) for o in options}
+    drawn = options[min(n - 1, int(draw / share * n))] if draw < share else greedy
+    # Offers are compared by name: the greedy option may be a copy carrying extra reasons.
+    chosen = greedy if drawn.offer == greedy.offer else drawn
+    return chosen, {o.offer: share / n + (1 - share) * (o.offer == greedy.offer)
+                    for o in options}
 
 
 def _recent_indices(state: UserState, model: ItemModel) -> np.ndarray:

@@ -170,10 +170,18 @@ class UpliftModel:
     intercept: float
     shrinkage: float  # the chosen s
     metrics: dict[str, Any] = field(default_factory=dict, compare=False)
+    # The range of each encoded feature in training: values outside it are clipped to it, so
+    # the model never extrapolates. A feature nearly constant in training (a tiny scale) would
+    # otherwise turn an ordinary value at serving time into thousands of standard deviations.
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
 
     def conversion(self, columns: Columns) -> np.ndarray:
         """(rows, actions): each user's chance to convert under each action."""
-        z = (self.spec.matrix(columns) - self.mean) / self.scale
+        x = self.spec.matrix(columns)
+        if self.low is not None and self.high is not None:
+            x = np.clip(x, self.low, self.high)
+        z = (x - self.mean) / self.scale
         n, k = len(z), len(self.actions)
         out = np.empty((n, k))
         for a in range(k):
@@ -187,11 +195,9 @@ class UpliftModel:
         return np.asarray(p - p[:, :1])
 
     @property
-    def best_treated_rate(self) -> float:
-        """The training rows' conversion rate under their best action (0.5 if unknown)."""
-        rates = self.metrics.get("conversion_per_action", {})
-        treated = [float(r) for a, r in rates.items() if a != CONTROL]
-        return max(treated) if treated else 0.5
+    def base_rate(self) -> float:
+        """How often the training rows converted with nothing done (0.5 if unknown)."""
+        return float(self.metrics.get("conversion_per_action", {}).get(CONTROL, 0.5))
 
     @property
     def version(self) -> str:
@@ -273,7 +279,8 @@ def fit(columns: Columns, actions: Vector, converted: Vector,
                "out_of_fold_qini": {str(s): selection[s] for s in shrinkages},
                "out_of_fold_log_loss": {str(s): fit_loss[s] for s in shrinkages}}
     return UpliftModel(all_actions, spec, mean, scale, final.coef_[0].astype(np.float64),
-                       float(final.intercept_[0]), float(best), metrics)
+                       float(final.intercept_[0]), float(best), metrics,
+                       x.min(axis=0) if len(x) else None, x.max(axis=0) if len(x) else None)
 
 
 def _log_loss(p: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
@@ -310,7 +317,9 @@ def _model_json(model: UpliftModel) -> bytes:
     payload = {"format": FORMAT, "actions": list(model.actions), "features": model.spec.to_json(),
                "mean": model.mean.tolist(), "scale": model.scale.tolist(),
                "coef": model.coef.tolist(), "intercept": model.intercept,
-               "shrinkage": model.shrinkage}
+               "shrinkage": model.shrinkage,
+               "low": None if model.low is None else model.low.tolist(),
+               "high": None if model.high is None else model.high.tolist()}
     return (json.dumps(payload, indent=1) + "\n").encode()
 
 
@@ -362,12 +371,15 @@ def load(checkpoint_dir: Path) -> UpliftModel:
             tuple(raw["actions"]), spec, np.asarray(raw["mean"], np.float64),
             np.asarray(raw["scale"], np.float64), np.asarray(raw["coef"], np.float64),
             float(raw["intercept"]), float(raw["shrinkage"]),
-            json.loads((path / METRICS_FILE).read_text()) if METRICS_FILE in files else {})
+            json.loads((path / METRICS_FILE).read_text()) if METRICS_FILE in files else {},
+            None if raw.get("low") is None else np.asarray(raw["low"], np.float64),
+            None if raw.get("high") is None else np.asarray(raw["high"], np.float64))
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / MODEL_FILE}: invalid model: {exc}") from exc
     d, k = len(spec.names), len(model.actions)
+    bounds_ok = all(b is None or b.shape == (d,) for b in (model.low, model.high))
     if (model.actions[:1] != (CONTROL,) or model.mean.shape != (d,) or model.scale.shape != (d,)
-            or model.coef.shape != (d + (k - 1) * (d + 1),)):
+            or model.coef.shape != (d + (k - 1) * (d + 1),) or not bounds_ok):
         raise CheckpointError(f"{path / MODEL_FILE}: shapes do not match {d} features and "
                               f"{k} actions")
     if manifest.get("model_version") != model.version:

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from encoder.inference import item_key
 from stream.config import PolicyConfig
@@ -25,6 +28,7 @@ from stream.policy import (
 )
 from stream.state import UserState, apply_events
 from stream.uplift_model import FeatureSpec, UpliftModel
+from tests.strategies import ids
 
 NOON = 1_760_011_200_000  # 2025-10-09 12:00 UTC
 DAY = 86_400_000
@@ -422,9 +426,9 @@ def test_the_holdout_arm_is_never_treated_even_by_exploration_or_an_uplift_model
             assert context.budgets["c1"].spent == 0
 
 
-def constant_uplift(rates: dict[str, float], treated_rate: float = 0.5) -> UpliftModel:
+def constant_uplift(rates: dict[str, float], base_rate: float = 0.5) -> UpliftModel:
     """An uplift model whose conversion rates per action are ``rates`` for every user, trained
-    on rows that converted ``treated_rate`` of the time under their best action."""
+    on rows that converted ``base_rate`` of the time with nothing done."""
     def logit(p: float) -> float:
         return float(np.log(p / (1 - p)))
 
@@ -432,7 +436,7 @@ def constant_uplift(rates: dict[str, float], treated_rate: float = 0.5) -> Uplif
     return UpliftModel(actions, FeatureSpec(()), np.zeros(0), np.ones(0),
                        np.asarray([logit(rates[a]) - logit(rates["none"]) for a in actions[1:]]),
                        logit(rates["none"]), 1.0,
-                       {"conversion_per_action": {"none": rates["none"], "best": treated_rate}})
+                       {"conversion_per_action": {"none": base_rate}})
 
 
 # margin 30 per conversion (no purchases yet: default order value 30, margin rate 1); the coupon
@@ -481,3 +485,36 @@ def test_the_uplift_policy_picks_the_most_incremental_profit_and_names_the_segme
 def test_an_offer_the_uplift_model_never_saw_is_not_chosen_for_it() -> None:
     d, _ = decide_with({"none": 0.1, "push": 0.11})  # a model trained without coupons
     assert d.offer == "none"  # push: 0.01 x 30 - 0.5 < 0; coupons: no estimate
+
+
+@hyp_settings(max_examples=150, deadline=None)
+@given(user=ids(), history=st.lists(st.tuples(st.sampled_from(["view", "click", "add_to_cart",
+                                                               "purchase"]),
+                                              st.sampled_from(ITEMS)), max_size=12),
+       share=st.floats(0, 1), holdout=st.sampled_from([0.0, 10.0, 100.0]),
+       budget=st.floats(0, 20), push_opt_in=st.booleans(), coupon_opt_in=st.booleans(),
+       with_uplift=st.booleans(), kind=st.sampled_from(list(TriggerKind)))
+def test_any_user_and_settings_get_probabilities_that_sum_to_one_and_the_holdout_nothing(
+        user: str, history: list[tuple[str, str]], share: float, holdout: float,
+        budget: float, push_opt_in: bool, coupon_opt_in: bool, with_uplift: bool,
+        kind: TriggerKind) -> None:
+    state = user_with([ev(n, t, i) for n, (t, i) in enumerate(history)])
+    config = PolicyConfig(holdout_percent=holdout, exploration_share=share,
+                          default_push_opt_in=push_opt_in, default_coupon_opt_in=coupon_opt_in)
+    context = ctx(coupons=[coupon(budget=budget)], config=config)
+    if with_uplift:
+        context.uplift = constant_uplift({"none": 0.1, "coupon_full": 0.3, "coupon_half": 0.2,
+                                          "push": 0.15})
+    d = decide(user, state, VECTOR, Trigger(kind, "t1", ("i3",), NOON), None, context)
+    if not (push_opt_in or coupon_opt_in):
+        assert d is None  # no consent: not even a record
+        return
+    assert d is not None and d.choices is not None
+    assert sum(d.choices.values()) == pytest.approx(1.0, abs=1e-5)
+    assert d.offer in d.choices and d.action == ("coupon" if d.offer.startswith("coupon")
+                                                 else d.offer)
+    assert context.budgets["c1"].spent <= budget + 1e-9
+    if d.arm == "holdout":
+        assert d.propensity == 1.0 and not d.to_send and context.budgets["c1"].spent == 0
+    else:
+        assert d.propensity == d.choices[d.offer]

@@ -148,3 +148,19 @@ def test_a_changed_missing_or_unfinished_checkpoint_is_refused(model: uplift_mod
     (path / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="interrupted write"):
         uplift_model.load(path)
+
+
+def test_a_value_outside_the_training_range_is_treated_as_its_edge_never_extrapolated(
+        tmp_path: Path) -> None:
+    # days_idle barely varies in training (decisions seconds apart); at serving it is 10x
+    # smaller. Standardized by its tiny spread it would be thousands of deviations away.
+    columns, taken, converted = randomized(3_000, seed=5)
+    columns["days_idle"] = 0.2 + np.random.default_rng(5).normal(0, 1e-5, 3_000)
+    model = uplift_model.fit(columns, taken, converted, seed=5)
+    uplift_model.save(model, tmp_path / "ckpt")
+    for served in (model, uplift_model.load(tmp_path / "ckpt")):
+        row = {k: v[:1] for k, v in columns.items()}
+        edge = dict(row, days_idle=np.asarray([columns["days_idle"].min()]))
+        far = dict(row, days_idle=np.asarray([0.02]))
+        assert np.allclose(served.conversion(far), served.conversion(edge))
+        assert np.all((served.conversion(far) > 0.01) & (served.conversion(far) < 0.99))
