@@ -148,8 +148,8 @@ async def read_snapshot(kafka: KafkaSettings, topic: str,
     consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 isolation_level="read_committed")
-    await consumer.start()
     try:
+        await consumer.start()
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             await consumer._client.force_metadata_update()  # a fresh client may not know yet
