@@ -92,8 +92,8 @@ def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
         share * (offer == CONTROL) + (1 - share) * (o.choices or {o.offer: 1.0}).get(offer, 0.0)
         for o, offer in zip(kept, got, strict=True)])
     margin = np.asarray([margin_of(o.features, config) for o in kept])
-    cost = np.asarray([(o.discount if o.redeemed else 0.0)
-                       + (config.push_cost if offer == policy.OFFER_PUSH else 0.0)
+    # What was actually paid: a redeemed coupon's discount, a push's cost.
+    cost = np.asarray([policy.offer_cost(offer, o.discount, float(o.redeemed), config)
                        for o, offer in zip(kept, got, strict=True)])
     reward = margin * np.asarray([o.converted for o in kept], dtype=np.float64) - cost
     discount: dict[str, float] = {}
@@ -117,21 +117,12 @@ def greedy_of(model: UpliftModel, log: Log, config: PolicyConfig) -> np.ndarray:
         rates = dict(zip(model.actions, conversion[row].tolist(), strict=True))
         best, best_worth = CONTROL, 0.0
         for offer in options:
-            worth = _worth(offer, rates, log.margin[row], log.discount, config)
+            worth = policy.offer_worth(offer, log.discount.get(offer, 0.0), rates,
+                                       log.margin[row], config)
             if worth > best_worth:
                 best, best_worth = offer, worth
         chosen.append(best)
     return np.asarray(chosen)
-
-
-def _worth(offer: str, rates: dict[str, float], margin: float, discount: dict[str, float],
-           config: PolicyConfig) -> float:
-    if offer == CONTROL or offer not in rates:
-        return 0.0 if offer == CONTROL else -math.inf
-    p = rates[offer]
-    cost = (discount.get(offer, 0.0) * p if offer in policy.COUPON_TIERS
-            else config.push_cost)
-    return (p - rates[CONTROL]) * margin - cost
 
 
 def logged_greedy(log: Log) -> np.ndarray:
@@ -171,9 +162,8 @@ def reward_model(model: UpliftModel, log: Log,
         out = np.zeros(len(offers))
         for row, offer in enumerate(offers.tolist()):
             p = conversion[row, index.get(offer, 0)]
-            cost = (log.discount.get(offer, 0.0) * p if offer in policy.COUPON_TIERS
-                    else config.push_cost if offer == policy.OFFER_PUSH else 0.0)
-            out[row] = p * log.margin[row] - cost
+            out[row] = p * log.margin[row] - policy.offer_cost(
+                offer, log.discount.get(offer, 0.0), p, config)
         return out
 
     return expected

@@ -293,17 +293,24 @@ def uplift_columns(snapshots: Sequence[Mapping[str, float]],
     return columns
 
 
-def offer_worth(option: Option, conversion: Mapping[str, float], margin: float,
+def offer_cost(offer: str, amount: float, p_convert: float, config: PolicyConfig) -> float:
+    """What an offer is expected to cost: a coupon's discount whenever it converts (``amount``
+    is its discount), a push its ``push_cost``; doing nothing costs nothing."""
+    if offer in COUPON_TIERS:
+        return amount * p_convert
+    return config.push_cost if offer == OFFER_PUSH else 0.0
+
+
+def offer_worth(offer: str, amount: float, conversion: Mapping[str, float], margin: float,
                 config: PolicyConfig) -> float:
     """Expected incremental profit of an offer: the conversions it adds times the margin of
-    one, less what it costs (a coupon's discount whenever it converts; a push's cost)."""
-    if option.offer == OFFER_NONE:
+    one, less what it costs. ``conversion`` is the uplift model's rate per offer."""
+    if offer == OFFER_NONE:
         return 0.0
-    if option.offer not in conversion:
+    if offer not in conversion:
         return -math.inf  # the model never saw it: nothing says it pays
-    p = conversion[option.offer]
-    cost = option.amount * p if option.coupon is not None else config.push_cost
-    return (p - conversion[OFFER_NONE]) * margin - cost
+    p = conversion[offer]
+    return (p - conversion[OFFER_NONE]) * margin - offer_cost(offer, amount, p, config)
 
 
 def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence[Option],
@@ -324,7 +331,7 @@ def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence
     conversion = dict(zip(model.actions, p.tolist(), strict=True))
     order_value = state.spend / state.purchases if state.purchases else cfg.default_order_value
     margin = cfg.margin_rate * order_value
-    worth = {o.offer: offer_worth(o, conversion, margin, cfg) for o in options}
+    worth = {o.offer: offer_worth(o.offer, o.amount, conversion, margin, cfg) for o in options}
     best = max(options, key=lambda o: (worth[o.offer], o.offer == OFFER_NONE))
     uplift = {a: conversion[a] - conversion[OFFER_NONE] for a in model.actions[1:]}
     if best.offer != OFFER_NONE:
