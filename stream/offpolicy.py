@@ -19,13 +19,19 @@ A candidate decides as the worker would: the offer worth most among those the de
 have made (the keys of ``choices``). The log does not keep the discount of coupon offers that
 were not made; the candidate values them at the median discount each tier was granted in the
 log (documented in docs/uplift.md).
+
+A candidate trained on this log is judged only on the decisions it held out
+(:func:`unseen_by`): on its own training rows it would look better than it is. `promo publish`
+asks the paired gain over the live policy (:class:`Comparison`) to be above zero with 95%
+confidence, not only on average.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,6 +62,7 @@ class Judgement:
     ips: Estimate
     dr: Estimate
     matched: int  # rows where the policy would have done what was done
+    dr_terms: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.zeros(0))
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,9 @@ def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
     probability = np.asarray([
         share * (offer == CONTROL) + (1 - share) * (o.choices or {o.offer: 1.0}).get(offer, 0.0)
         for o, offer in zip(kept, got, strict=True)])
+    if (probability <= 0).any():
+        raise ValueError("a decision's offer has probability 0 under the settings: the log was "
+                         "written with another policy.holdout_percent than the one set now")
     margin = np.asarray([margin_of(o.features, config) for o in kept])
     # What was actually paid: a redeemed coupon's discount, a push's cost.
     cost = np.asarray([policy.offer_cost(offer, o.discount, float(o.redeemed), config)
@@ -101,10 +111,13 @@ def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
         granted = [o.discount for o, offer in zip(kept, got, strict=True) if offer == tier]
         if granted:
             discount[tier] = float(np.median(granted))
-    full = discount.get("coupon_full")
-    for tier, share_of_value in policy.COUPON_TIERS.items():
-        if tier not in discount and full is not None:
-            discount[tier] = full * share_of_value
+    # A tier never granted is valued from the other one; with neither, coupon offers have no
+    # known cost and a candidate cannot choose them (greedy_of skips them).
+    known = [(discount[t] / f) for t, f in policy.COUPON_TIERS.items() if t in discount]
+    if known:
+        value = float(np.median(known))
+        for tier, share_of_value in policy.COUPON_TIERS.items():
+            discount.setdefault(tier, value * share_of_value)
     columns = policy.uplift_columns([o.features for o in kept], [o.trigger for o in kept])
     return Log(kept, np.asarray(got), probability, reward, margin, columns, discount)
 
@@ -117,6 +130,8 @@ def greedy_of(model: UpliftModel, log: Log, config: PolicyConfig) -> np.ndarray:
         rates = dict(zip(model.actions, conversion[row].tolist(), strict=True))
         best, best_worth = CONTROL, 0.0
         for offer in options:
+            if offer in policy.COUPON_TIERS and offer not in log.discount:
+                continue  # no coupon was ever granted in the log: its cost is unknown
             worth = policy.offer_worth(offer, log.discount.get(offer, 0.0), rates,
                                        log.margin[row], config)
             if worth > best_worth:
@@ -143,12 +158,18 @@ def judge(name: str, chosen: np.ndarray, log: Log,
     ``expected_reward(offers)`` is the reward model's prediction per row for those offers."""
     match = (chosen == log.got).astype(np.float64)
     weight = match / log.probability
-    # Self-normalized IPS: its per-row terms, so that their mean is the estimate.
-    ips_terms = weight * log.reward / weight.mean() if weight.sum() > 0 else weight
+    # Self-normalized IPS, as per-row terms whose mean is the estimate and whose spread is
+    # its delta-method variance (the normalization's own uncertainty included).
+    if weight.sum() > 0:
+        value = float(np.sum(weight * log.reward) / weight.sum())
+        ips_terms = value + weight * (log.reward - value) / weight.mean()
+    else:
+        ips_terms = np.zeros(len(weight))
     predicted_chosen = expected_reward(chosen)
     predicted_got = expected_reward(log.got)
     dr_terms = predicted_chosen + weight * (log.reward - predicted_got)
-    return Judgement(name, Estimate.of(ips_terms), Estimate.of(dr_terms), int(match.sum()))
+    return Judgement(name, Estimate.of(ips_terms), Estimate.of(dr_terms), int(match.sum()),
+                     dr_terms)
 
 
 def reward_model(model: UpliftModel, log: Log,
@@ -169,12 +190,48 @@ def reward_model(model: UpliftModel, log: Log,
     return expected
 
 
+def unseen_by(model: UpliftModel, log: Log) -> Log:
+    """The rows of ``log`` the model did not train on. A model trained on this log (`promo
+    train-uplift --from-kafka`) held out decisions by a hash of their id; judged on its own
+    training rows it would look better than it is. A model trained elsewhere saw none."""
+    split = model.metrics.get("split")
+    if not isinstance(split, dict) or split.get("kind") != "decision_id_hash":
+        return log
+    keep = np.asarray([held_out(o.decision_id, float(split["held_out_share"]),
+                                int(split["seed"])) for o in log.outcomes])
+    if not keep.any():
+        raise ValueError("the candidate trained on every decision in the log: train it with "
+                         "--held-out-share above 0 to judge it on decisions it did not see")
+    rows = np.flatnonzero(keep)
+    return Log([log.outcomes[i] for i in rows], log.got[rows], log.probability[rows],
+               log.reward[rows], log.margin[rows],
+               {name: [values[i] for i in rows] for name, values in log.columns.items()},
+               log.discount)
+
+
+def held_out(decision_id: str, share: float, seed: int) -> bool:
+    """Whether a decision is among the ``share`` a --from-kafka training run keeps out."""
+    digest = hashlib.sha256(f"{seed}:{decision_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+@dataclass(frozen=True)
+class Comparison:
+    judged: list[Judgement]  # candidate, live, nothing
+    gain: Estimate  # candidate minus live, DR, paired row by row
+    rows: int
+
+
 def compare(candidate: UpliftModel, live: UpliftModel | None, log: Log,
-            config: PolicyConfig) -> list[Judgement]:
+            config: PolicyConfig) -> Comparison:
     """The candidate, the live policy (the live model's, else what wrote the log) and doing
-    nothing, judged on the same rows with the candidate as the reward model."""
+    nothing, judged on the rows the candidate did not train on, with the candidate as the
+    reward model; and the candidate's gain over the live policy, paired row by row."""
+    log = unseen_by(candidate, log)
     expected = reward_model(candidate, log, config)
     live_choice = greedy_of(live, log, config) if live is not None else logged_greedy(log)
-    return [judge("candidate", greedy_of(candidate, log, config), log, expected),
-            judge("live", live_choice, log, expected),
-            judge("nothing", np.full(len(log.got), CONTROL), log, expected)]
+    judged = [judge("candidate", greedy_of(candidate, log, config), log, expected),
+              judge("live", live_choice, log, expected),
+              judge("nothing", np.full(len(log.got), CONTROL), log, expected)]
+    return Comparison(judged, Estimate.of(judged[0].dr_terms - judged[1].dr_terms),
+                      len(log.got))

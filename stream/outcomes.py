@@ -192,7 +192,8 @@ def outcome(pending: bytes, closing: Closing, rules: Rules) -> Outcome:
         and conversion.coupon_id == coupon_id,
         value=conversion.worth if conversion is not None else 0.0,
         converted_at=conversion.ts if conversion is not None else None,
-        offer=body.get("offer", Action(body["action"]).value),  # older records: no offer
+        offer=body.get("offer", "coupon_full" if body["action"] == Action.COUPON
+                       else Action(body["action"]).value),  # older records: no offer
         propensity=float(body.get("propensity", 1.0)), choices=body.get("choices"))
 
 

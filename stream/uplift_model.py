@@ -354,7 +354,8 @@ def load(checkpoint_dir: Path) -> UpliftModel:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / MANIFEST}: unreadable: {exc}") from exc
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict) or MODEL_FILE not in files:
+    if (not isinstance(files, dict) or manifest.get("format") != FORMAT
+            or MODEL_FILE not in files):
         raise CheckpointError(f"{path / MANIFEST}: not a format-{FORMAT} uplift manifest")
     for name, expected in files.items():
         file = path / name
@@ -374,10 +375,13 @@ def load(checkpoint_dir: Path) -> UpliftModel:
             json.loads((path / METRICS_FILE).read_text()) if METRICS_FILE in files else {},
             None if raw.get("low") is None else np.asarray(raw["low"], np.float64),
             None if raw.get("high") is None else np.asarray(raw["high"], np.float64))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path / MODEL_FILE}: invalid model: {exc}") from exc
     d, k = len(spec.names), len(model.actions)
     bounds_ok = all(b is None or b.shape == (d,) for b in (model.low, model.high))
+    finite = all(np.isfinite(a).all() for a in (model.mean, model.coef, [model.intercept]))
+    if (len(spec.means) != len(spec.numeric) or not finite or not (model.scale > 0).all()):
+        raise CheckpointError(f"{path / MODEL_FILE}: inconsistent or non-finite values")
     if (model.actions[:1] != (CONTROL,) or model.mean.shape != (d,) or model.scale.shape != (d,)
             or model.coef.shape != (d + (k - 1) * (d + 1),) or not bounds_ok):
         raise CheckpointError(f"{path / MODEL_FILE}: shapes do not match {d} features and "

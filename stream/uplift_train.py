@@ -54,6 +54,9 @@ class RandomizedTable:
     # 1 / the probability each row got its action, where that was not the same for everyone
     # (the product's own log); None: a randomized test, every row counts once.
     weights: np.ndarray | None = None
+    # Decision ids, for a table read from the log: its held-out rows are chosen by a hash of
+    # them, so that `promo evaluate-policy` can judge the model on decisions it never saw.
+    keys: np.ndarray | None = None
 
 
 def read_csv(path: Path, treatment_col: str, outcome_col: str, control: str,
@@ -95,12 +98,19 @@ def read_csv(path: Path, treatment_col: str, outcome_col: str, control: str,
 
 def split(table: RandomizedTable, held_out_share: float,
           seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, held out), stratified by action and outcome."""
+    """Row indices (train, held out): stratified by action and outcome, or for the log by a
+    hash of each decision id (:func:`stream.offpolicy.held_out`)."""
     from sklearn.model_selection import train_test_split
+
+    from stream import offpolicy
 
     rows = np.arange(len(table.converted))
     if held_out_share <= 0:
         return rows, rows[:0]
+    if table.keys is not None:
+        out = np.asarray([offpolicy.held_out(str(k), held_out_share, seed)
+                          for k in table.keys])
+        return rows[~out], rows[out]
     strata = np.char.add(table.actions.astype(str), table.converted.astype(str))
     train, held_out = train_test_split(rows, test_size=held_out_share, random_state=seed,
                                        stratify=strata)
@@ -110,7 +120,8 @@ def split(table: RandomizedTable, held_out_share: float,
 def subset(table: RandomizedTable, rows: np.ndarray) -> RandomizedTable:
     return RandomizedTable({name: values[rows] for name, values in table.columns.items()},
                            table.actions[rows], table.converted[rows],
-                           None if table.weights is None else table.weights[rows])
+                           None if table.weights is None else table.weights[rows],
+                           None if table.keys is None else table.keys[rows])
 
 
 def read_outcomes(kafka: KafkaSettings, *, progress: bool = True) -> list[Outcome]:
@@ -153,7 +164,8 @@ def from_outcomes(outcomes: Sequence[Outcome], config: PolicyConfig) -> Randomiz
     columns = {name: np.asarray(values, dtype=object if name == "trigger" else np.float64)
                for name, values in log.columns.items()}
     return RandomizedTable(columns, log.got, np.asarray([int(o.converted) for o in log.outcomes]),
-                           1 / log.probability)
+                           1 / log.probability,
+                           np.asarray([o.decision_id for o in log.outcomes]))
 
 
 def evaluate(model: UpliftModel, table: RandomizedTable, seed: int = 0) -> dict[str, Any]:
@@ -200,12 +212,15 @@ def qini_curves_png(model: UpliftModel, table: RandomizedTable) -> bytes:
     for ax, (a, name) in zip(axes[0], enumerate(actions, start=1), strict=True):
         rows = (table.actions == name) | (table.actions == CONTROL)
         outcome, treated = table.converted[rows], (table.actions[rows] == name).astype(int)
+        ax.set_title(f"{name} vs {CONTROL} (held out)")
+        if treated.min() == treated.max():  # this action has no held-out rows (or no control)
+            ax.text(0.5, 0.5, "no held-out rows for both groups", ha="center")
+            continue
         with warnings.catch_warnings():  # scikit-uplift 0.5 on scikit-learn 1.8+: deprecations
             warnings.simplefilter("ignore", FutureWarning)
             x, y = qini_curve(outcome, uplift[rows, a], treated)
         ax.plot(x, y, label="model")
         ax.plot([0, x[-1]], [0, y[-1]], "--", color="grey", label="random")
-        ax.set_title(f"{name} vs {CONTROL} (held out)")
         ax.set_xlabel("users targeted, best first")
         ax.set_ylabel("incremental conversions")
         ax.legend()
@@ -236,7 +251,9 @@ def train(table: RandomizedTable, out_dir: Path, held_out_share: float = 0.3, se
     finally:
         bar.close()
     extra: dict[str, bytes] = {}
-    metrics = dict(model.metrics, held_out_share=held_out_share, seed=seed)
+    metrics = dict(model.metrics, held_out_share=held_out_share, seed=seed,
+                   split={"kind": "stratified" if table.keys is None else "decision_id_hash",
+                          "held_out_share": held_out_share, "seed": seed})
     if len(held_out_rows):
         held_out = subset(table, held_out_rows)
         metrics["held_out"] = evaluate(model, held_out, seed)

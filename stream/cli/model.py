@@ -342,9 +342,10 @@ def _repoint(live: Path, candidate: Path) -> None:
 
 def _publish_uplift(context: Context, candidate: Path, live: Path, data: DataChoice,
                     min_gain: float, dry_run: bool, as_json: bool) -> None:
-    """Publish an uplift model only if its policy beats the live one on the outcomes log:
-    its doubly robust incremental profit per decision must exceed the live policy's (the live
-    uplift model's, else the policy that wrote the log) by more than ``min_gain``."""
+    """Publish an uplift model only if its policy beats the live one on the outcomes log: the
+    95% interval of its doubly robust gain in incremental profit per decision over the live
+    policy (the live uplift model's, else the policy that wrote the log), paired row by row on
+    decisions the candidate did not train on, must lie above ``min_gain``."""
     from stream.cli.uplift import judge_from_kafka
 
     if not data.from_kafka:
@@ -352,18 +353,21 @@ def _publish_uplift(context: Context, candidate: Path, live: Path, data: DataCho
     result = judge_from_kafka(context, candidate, live, progress=not as_json)
     by_name = {row["name"]: row for row in result["policies"]}
     new_value, old_value = by_name["candidate"]["dr"]["value"], by_name["live"]["dr"]["value"]
-    better = result["candidate"] != result["live"] and new_value > old_value + min_gain
+    # Better means the paired gain's 95% interval lies above min_gain, not only its middle.
+    gain = result["gain"]
+    better = result["candidate"] != result["live"] and gain["low"] > min_gain
     if better and not dry_run:
         _repoint(live, candidate)
     outcome = {"metric": "dr/incremental_profit_per_decision",
                "live": {"model_version": result["live"], "value": old_value},
                "candidate": {"model_version": result["candidate"], "value": new_value},
-               "published": better and not dry_run}
+               "gain": gain, "published": better and not dry_run}
     if as_json:
         sys.stdout.write(json.dumps(outcome) + "\n")
         return
     click.echo(f"incremental profit per decision (DR): live {result['live']} {old_value:.4f}; "
-               f"candidate {result['candidate']} {new_value:.4f}")
+               f"candidate {result['candidate']} {new_value:.4f}; gain {gain['value']:.4f} "
+               f"[{gain['low']:.4f}, {gain['high']:.4f}]")
     click.echo(f"published {live} -> {candidate}" if outcome["published"] else "not published")
 
 

@@ -7,6 +7,7 @@ scikit-learn and pandas are imported inside the command: `promo --help` stays fa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ def train_uplift(context: Context, csv_path: Path | None, from_kafka: bool,
 
     if (csv_path is None) == (not from_kafka):
         raise click.UsageError("give exactly one of --csv FILE and --from-kafka")
+    if out.is_symlink():
+        raise click.ClickException(f"{out} is a symlink (the path workers serve?): train into a "
+                                   "new directory, then `promo publish` it")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise click.ClickException(f"{out} is not empty; pass --overwrite to replace it")
     try:
@@ -71,12 +75,15 @@ def train_uplift(context: Context, csv_path: Path | None, from_kafka: bool,
                 uplift_train.read_outcomes(settings.kafka, progress=progress), settings.policy)
     except (uplift_train.TableError, LookupError) as exc:
         raise click.ClickException(str(exc)) from exc
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    staged = out.with_name(f".{out.name}.{os.getpid()}")  # the old one stays until this is whole
     try:
-        model = uplift_train.train(table, out, held_out_share, seed, progress)
+        model = uplift_train.train(table, staged, held_out_share, seed, progress)
     except ValueError as exc:
+        shutil.rmtree(staged, ignore_errors=True)
         raise click.ClickException(str(exc)) from exc
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staged, out)
     click.echo(format_report(model.metrics))
     click.echo(f"model_version {model.version} written to {out}")
 
@@ -128,13 +135,16 @@ def evaluate_policy(context: Context, candidate: Path, live: Path | None, from_k
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{result['rows']} decisions judged; money per decision (incremental profit)")
+    click.echo(f"{result['rows']} decisions judged (none the candidate trained on); money per "
+               "decision (incremental profit)")
     click.echo(f"{'policy':<10} {'IPS':>9} {'95% interval':>20} {'DR':>9} "
                f"{'95% interval':>20} {'as logged':>10}")
     for row in result["policies"]:
         ips, dr = row["ips"], row["dr"]
         click.echo(f"{row['name']:<10} {ips['value']:>9.4f} {_span(ips):>20} "
                    f"{dr['value']:>9.4f} {_span(dr):>20} {row['matched']:>10}")
+    gain = result["gain"]
+    click.echo(f"candidate - live (DR, paired): {gain['value']:.4f} {_span(gain)}")
 
 
 def _span(estimate: dict[str, float]) -> str:
@@ -156,13 +166,14 @@ def judge_from_kafka(context: Context, candidate: Path, live: Path | None,
         old = uplift_model.load(live) if live is not None and live.exists() else None
         log = offpolicy.read_log(uplift_train.read_outcomes(settings.kafka, progress=progress),
                                  settings.policy)
+        compared = offpolicy.compare(new, old, log, settings.policy)
     except (uplift_model.CheckpointError, ValueError, LookupError) as exc:
         raise click.ClickException(str(exc)) from exc
-    judged = offpolicy.compare(new, old, log, settings.policy)
-    return {"rows": len(log.got), "candidate": new.version,
+    return {"rows": compared.rows, "candidate": new.version,
             "live": old.version if old is not None else "as logged",
+            "gain": asdict(compared.gain),
             "policies": [{"name": j.name, "ips": asdict(j.ips), "dr": asdict(j.dr),
-                          "matched": j.matched} for j in judged]}
+                          "matched": j.matched} for j in compared.judged]}
 
 
 COMMANDS = [train_uplift, evaluate_policy]

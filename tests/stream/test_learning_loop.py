@@ -112,11 +112,12 @@ def test_the_worker_learns_from_its_own_log_and_serves_the_better_policy_without
     # 3. Learn from the log, judge on it, publish: the tiers wasted coupons on sure things.
     candidate = tmp_path / "models" / "uplift-v1"
     promo(settings, "train-uplift", "--from-kafka", "--out", str(candidate), "--no-progress",
-          "--held-out-share", "0", env=cli_env)
+          env=cli_env)  # 30% of decisions held out: the ones it is judged on
     judged = json.loads(promo(settings, "evaluate-policy", "--candidate", str(candidate),
                               "--from-kafka", "--json", "--no-progress", env=cli_env))
     value = {p["name"]: p["dr"]["value"] for p in judged["policies"]}
     assert value["candidate"] > value["live"], value
+    assert judged["gain"]["low"] > 0 and judged["rows"] < len(decisions), judged
     published = json.loads(promo(settings, "publish", "--candidate", str(candidate), "--live",
                                  str(live), "--from-kafka", "--json", env=cli_env)
                            .strip().splitlines()[-1])

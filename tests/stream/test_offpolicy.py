@@ -114,9 +114,42 @@ def test_the_candidates_policy_pushes_carts_only_and_beats_the_logging_policy(
     chosen = offpolicy.greedy_of(candidate, log, CONFIG)
     cart = np.asarray([o.features["cart_open"] for o in log.outcomes]) == 1
     assert np.mean(chosen[cart] == "push") > 0.95 and np.mean(chosen[~cart] == "none") > 0.95
-    judged = {j.name: j for j in offpolicy.compare(candidate, None, log, CONFIG)}
+    compared = offpolicy.compare(candidate, None, log, CONFIG)
+    judged = {j.name: j for j in compared.judged}
     assert judged["candidate"].dr.low > judged["live"].dr.high
     assert judged["candidate"].dr.value == pytest.approx(TRUE_VALUE["push_to_carts"], abs=0.15)
+    assert compared.gain.low > 0 and compared.rows == len(log.got)  # trained on another log
+
+
+def test_a_model_trained_on_the_log_is_judged_only_on_decisions_it_did_not_see(
+        tmp_path: Path) -> None:
+    outcomes = logged(4_000, seed=6)
+    model = uplift_train.train(uplift_train.from_outcomes(outcomes, CONFIG), tmp_path / "m",
+                               held_out_share=0.3, seed=2, progress=False)
+    log = offpolicy.read_log(outcomes, CONFIG)
+    unseen = offpolicy.unseen_by(model, log)
+    held = {o.decision_id for o in outcomes if offpolicy.held_out(o.decision_id, 0.3, 2)}
+    assert {o.decision_id for o in unseen.outcomes} == held
+    assert 0.25 * len(outcomes) < len(held) < 0.35 * len(outcomes)
+    assert offpolicy.compare(model, None, log, CONFIG).rows == len(held)
+    everything = uplift_train.train(uplift_train.from_outcomes(outcomes, CONFIG),
+                                    tmp_path / "all", held_out_share=0.0, progress=False)
+    with pytest.raises(ValueError, match="trained on every decision"):
+        offpolicy.compare(everything, None, log, CONFIG)
+
+
+def test_the_self_normalized_interval_matches_its_spread_over_repeated_logs() -> None:
+    # The delta-method interval of SNIPS, over 200 independent logs of the same policy: its
+    # average half-width is about 1.96 standard deviations of the estimates themselves.
+    cart_policy = lambda log: np.where(  # noqa: E731
+        np.asarray([o.features["cart_open"] for o in log.outcomes]) == 1, "push", "none")
+    estimates, halves = [], []
+    for seed in range(200):
+        log = offpolicy.read_log(logged(1_000, seed=100 + seed), CONFIG)
+        judged = offpolicy.judge("p", cart_policy(log), log, lambda offers: np.zeros(len(offers)))
+        estimates.append(judged.ips.value)
+        halves.append((judged.ips.high - judged.ips.low) / 2)
+    assert np.mean(halves) == pytest.approx(1.96 * np.std(estimates), rel=0.1)
 
 
 def send_outcomes(settings: Settings, outcomes: list[Outcome]) -> None:
@@ -155,7 +188,9 @@ def test_a_model_trained_from_the_topic_is_published_and_a_worse_one_refused(
         assert done.exit_code == 0, done.output
         return dict(json.loads(done.output.strip().splitlines()[-1]))
 
-    assert publish("good")["published"] is True  # beats the policy that wrote the log
+    first = publish("good")
+    assert first["published"] is True, first  # beats the policy that wrote the log
+    assert first["gain"]["low"] > 0
     assert live.resolve() == (tmp_path / "good").resolve()
     refused = publish("bad")
     assert refused["published"] is False and live.resolve() == (tmp_path / "good").resolve()
