@@ -452,8 +452,10 @@ def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: 
             push.reasons.extend({"code": code} for code in blocked)
     # `choices` is the treatment arm's draw, logged for the holdout too: with the holdout
     # share it gives every outcome the probability of what the user actually got.
-    chosen, choices = _explore(greedy, options, decision_id(user_id, trigger),
-                               cfg.exploration_share)
+    # On-site offers never explore: the page shows a preview and then claims it, and the
+    # claim must deliver what was shown (each has its own decision id, hence its own draw).
+    share = 0.0 if trigger.kind == TriggerKind.ON_SITE else cfg.exploration_share
+    chosen, choices = _explore(greedy, options, decision_id(user_id, trigger), share)
     if holdout:
         chosen = greedy  # recorded as what treatment would have preferred, never sent
     elif chosen.offer != greedy.offer:

@@ -406,6 +406,14 @@ def test_the_exploration_draw_is_the_same_when_a_trigger_is_decided_again() -> N
     assert len({d.offer for d in first if d}) > 1
 
 
+def test_on_site_offers_never_explore_so_a_claim_delivers_what_its_preview_showed() -> None:
+    config = PolicyConfig(holdout_percent=0, exploration_share=1.0)
+    for k in range(20):
+        d = decide("u1", active_user(), VECTOR, Trigger(TriggerKind.ON_SITE, f"claim:{k}", (),
+                                                        NOON), None, ctx(config=config))
+        assert d is not None and d.propensity == 1.0 and d.choices == {d.offer: 1.0}
+
+
 def test_without_exploration_the_offer_is_certain() -> None:
     d = decide("u1", active_user(), VECTOR, CART, None,
                ctx(config=PolicyConfig(holdout_percent=0, exploration_share=0)))
