@@ -158,9 +158,6 @@ def from_outcomes(outcomes: Sequence[Outcome], config: PolicyConfig) -> Randomiz
         log = read_log(outcomes, config)
     except ValueError as exc:
         raise TableError(f"the outcomes topic: {exc}") from exc
-    if (log.probability <= 0).any():
-        raise TableError("an outcome's offer had probability 0 in its own log: were the "
-                         "holdout share or the records changed?")
     columns = {name: np.asarray(values, dtype=object if name == "trigger" else np.float64)
                for name, values in log.columns.items()}
     return RandomizedTable(columns, log.got, np.asarray([int(o.converted) for o in log.outcomes]),
