@@ -559,7 +559,7 @@ class Decision:
 
 # --- outcomes --------------------------------------------------------------------------------
 
-def _legacy_offer(body: dict[str, Any]) -> str:
+def legacy_offer(body: dict[str, Any]) -> str:
     """The offer of an outcome written before offers were logged: its action, a coupon being
     the full discount (the propensity tiers' half tier is then indistinguishable)."""
     return "coupon_full" if body["action"] == "coupon" else str(body["action"])
@@ -642,5 +642,5 @@ class Outcome:
             features={k: float(v) for k, v in body["features"].items()},
             closed_by=Closure(body["closed_by"]), converted=bool(body["converted"]),
             redeemed=bool(body["redeemed"]), value=float(body["value"]),
-            converted_at=body["converted_at"], offer=str(body.get("offer", _legacy_offer(body))),
+            converted_at=body["converted_at"], offer=str(body.get("offer", legacy_offer(body))),
             propensity=float(body.get("propensity", 1.0)), choices=body.get("choices"))

@@ -34,7 +34,16 @@ from dataclasses import asdict, dataclass, field
 import orjson
 
 from stream.config import AttributionSettings
-from stream.contracts import Action, Arm, Closure, Decision, Event, Outcome, TriggerKind
+from stream.contracts import (
+    Action,
+    Arm,
+    Closure,
+    Decision,
+    Event,
+    Outcome,
+    TriggerKind,
+    legacy_offer,
+)
 from stream.state import PendingWindow
 
 
@@ -192,8 +201,7 @@ def outcome(pending: bytes, closing: Closing, rules: Rules) -> Outcome:
         and conversion.coupon_id == coupon_id,
         value=conversion.worth if conversion is not None else 0.0,
         converted_at=conversion.ts if conversion is not None else None,
-        offer=body.get("offer", "coupon_full" if body["action"] == Action.COUPON
-                       else Action(body["action"]).value),  # older records: no offer
+        offer=body.get("offer", legacy_offer(body)),  # older records: no offer
         propensity=float(body.get("propensity", 1.0)), choices=body.get("choices"))
 
 
