@@ -39,10 +39,11 @@ import orjson
 from faust.types import TP
 
 from stream.api import Api, Ownership, tls_context
+from stream.bandit import OutcomeFollower
 from stream.batching import BatchingApp, BatchingConsumer, Settle
 from stream.catalog import CouponCatalog
 from stream.config import ApiSettings, KafkaSettings, Settings, WorkerSettings
-from stream.contracts import Coupon, Limits, Preferences, Reason, Rejection, dead_letter
+from stream.contracts import DAY_MS, Coupon, Limits, Preferences, Reason, Rejection, dead_letter
 from stream.exporter import write_snapshot
 from stream.metrics import MAX_CAMPAIGN_SERIES, Metrics
 from stream.models import ModelWatcher
@@ -445,6 +446,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     store = TableStore(app, kafka.events_topic, kafka.partitions, worker)
     sink = ProducerSink(app, kafka.events_topic)
     catalog = CouponCatalog(kafka)
+    outcome_reader = (OutcomeFollower(kafka, int(settings.policy.bandit_window_days * DAY_MS))
+                      if settings.policy.thompson_sampling else None)
     models = ModelWatcher(worker.checkpoint or None, metrics, worker.uplift_checkpoint or None)
     contract = settings.contract
     pipeline = Pipeline(
@@ -456,7 +459,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
         model=models, policy_config=settings.policy, coupons=catalog.snapshot,
         partitions=kafka.partitions, retries=worker.processing_retries,
         attribution=Rules.from_settings(settings.attribution)
-        if settings.attribution.enabled else None)
+        if settings.attribution.enabled else None,
+        offer_stats=outcome_reader.stats if outcome_reader else None)
 
     async def process_events(batches: Mapping[TP, Sequence[Any]]) -> Settle:
         await pipeline.process([r for part in batches.values() for r in part], durable=False)
@@ -574,6 +578,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Worker:
     @app.task
     async def follow_catalog() -> None:
         await catalog.run()
+
+    if outcome_reader is not None:
+        @app.task
+        async def follow_outcomes() -> None:
+            await outcome_reader.run()
 
     def owners() -> dict[str, set[int]]:
         """Each member's advertised URL and the users partitions it owns, as the group's

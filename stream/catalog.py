@@ -12,11 +12,9 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from stream.config import KafkaSettings
 from stream.contracts import Coupon
-from stream.topics import client_kwargs
+from stream.topics import follow_topic
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +56,9 @@ class CouponCatalog:
                 await asyncio.sleep(5)
 
     async def _follow(self) -> None:
-        consumer = AIOKafkaConsumer(**client_kwargs(self.kafka), group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
-        await consumer.start()
-        try:
-            partitions = consumer.partitions_for_topic(self.kafka.coupons_topic) or {0}
-            tps = [TopicPartition(self.kafka.coupons_topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            while True:
-                batch = await consumer.getmany(timeout_ms=1000)
-                for records in batch.values():
-                    for record in records:
-                        self.apply(record.key, record.value)
-                if not self._caught_up.is_set():
-                    positions = [await consumer.position(tp) for tp in tps]
-                    if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                        self._caught_up.set()
-                    log.info("coupon catalog loaded", extra={"coupons": len(self._coupons)})
-        finally:
-            await consumer.stop()
+        def caught_up() -> None:
+            self._caught_up.set()
+            log.info("coupon catalog loaded", extra={"coupons": len(self._coupons)})
+
+        await follow_topic(self.kafka, self.kafka.coupons_topic, self.apply,
+                           on_caught_up=caught_up)

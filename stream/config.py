@@ -165,6 +165,11 @@ class PolicyConfig:
     margin_rate: Annotated[float, Field(ge=0, le=1)] = 0.3
     default_order_value: NonNegative = 30.0
     push_cost: NonNegative = 0.0
+    # Without an uplift model, choose offers by Thompson sampling over the outcomes of the
+    # last bandit_window_days, per context bucket (stream.bandit), instead of the propensity
+    # tiers; every worker reads the outcomes topic for it.
+    thompson_sampling: bool = False
+    bandit_window_days: Positive = 14.0
     cart_check_seconds: Positive = 5.0  # how often the worker looks for abandoned carts
 
     @field_validator("default_timezone")

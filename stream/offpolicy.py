@@ -37,7 +37,7 @@ import numpy as np
 
 from stream import policy
 from stream.config import PolicyConfig
-from stream.contracts import Arm, Outcome
+from stream.contracts import Arm, Closure, Outcome
 from stream.uplift_model import CONTROL, UpliftModel
 
 Z95 = 1.959964
@@ -90,9 +90,20 @@ def margin_of(features: dict[str, float], config: PolicyConfig) -> float:
 
 
 def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
-    kept = [o for o in outcomes if not o.evicted]
-    if not kept:
+    """The log's complete rows: closed, not evicted, and old enough that a row which did not
+    convert has closed too. A conversion closes its window at once, a window without one only
+    when it runs out; the decisions of the last window's length would otherwise be there
+    mostly when they converted, and every offer would look like it works. Windows run out in
+    the order they opened, so the rows kept are those opened no later than the newest window
+    that ran out."""
+    closed = [o for o in outcomes if not o.evicted]
+    if not closed:
         raise ValueError("no closed decisions in the log yet")
+    ran_out = [o.window_start for o in closed if o.closed_by == Closure.WINDOW]
+    if not ran_out:
+        raise ValueError("no decision's window has run out yet, so the log holds only the "
+                         "ones that converted; wait one attribution window")
+    kept = [o for o in closed if o.window_start <= max(ran_out)]
     share = config.holdout_percent / 100
     got = [CONTROL if o.arm == Arm.HOLDOUT else o.offer for o in kept]
     probability = np.asarray([

@@ -66,6 +66,7 @@ import orjson
 from sortedcontainers import SortedList
 
 from stream import outcomes, policy, state
+from stream.bandit import OfferStats
 from stream.config import PolicyConfig
 from stream.contracts import (
     Action,
@@ -326,7 +327,8 @@ class Pipeline:
                  coupons: Callable[[], Mapping[str, Coupon]], partitions: int,
                  attribution: outcomes.Rules | None = outcomes.DEFAULT_RULES,
                  max_len: int = state.DEFAULT_MAX_LEN, retries: int = 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 offer_stats: OfferStats | None = None) -> None:
         self.limits = limits
         self.topics = topics
         self.store = store
@@ -340,6 +342,8 @@ class Pipeline:
         self.retries = retries
         self.clock = clock
         self.attribution = attribution  # None: no windows, no outcomes
+        # Every worker's outcome counts, for Thompson sampling (stream.bandit).
+        self.offer_stats = offer_stats if policy_config.thompson_sampling else None
         self.totals: Counter[str] = Counter()  # since the last summary line
         # Per partition: (watermark past which a window closes, user id) of every open window,
         # built from ``pending-outcomes`` when a partition is first met after an assignment.
@@ -875,7 +879,8 @@ class Pipeline:
         ctx = policy.Context(config=self.policy_config, coupons=done.catalog,
                              budgets=done.budgets.setdefault(user.partition, {}),
                              model=self.model.encoder, now_ms=now_ms,
-                             push_ranking=push_ranking, uplift=self.model.uplift)
+                             push_ranking=push_ranking, uplift=self.model.uplift,
+                             bandit=self.offer_stats)
         vector = self._current_vector(user)
         current = vector is not None
         decision = policy.decide(user_id, user.state, vector, trigger,

@@ -35,6 +35,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from encoder.vocab import item_key
+from stream import bandit
+from stream.bandit import OfferStats
 from stream.config import PolicyConfig
 from stream.contracts import (
     FOREVER_MS,
@@ -48,13 +50,14 @@ from stream.contracts import (
     TriggerKind,
 )
 from stream.state import TYPE_ID, UserState
-from stream.uplift_model import CONTROL, UpliftModel
+from stream.uplift_model import CONTROL
 
 POLICY_VERSION = "policy-3"  # 3: offers by incremental profit, logged exploration
 
 # What the policy can do for a trigger, as the uplift model names its actions.
 OFFER_NONE, OFFER_PUSH = CONTROL, "push"
 COUPON_TIERS = {"coupon_full": 1.0, "coupon_half": 0.5}  # share of the coupon's value granted
+USER_COLUMN = "user_id"  # see _by_incremental_profit
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -141,6 +144,20 @@ class ServingModel(ItemModel, Protocol):
 
     def user_vectors(self, items: Sequence[np.ndarray], types: Sequence[np.ndarray],
                      ts_ms: Sequence[np.ndarray] | None = None) -> np.ndarray: ...
+
+
+class ConversionModel(Protocol):
+    """What deciding by incremental profit needs: each user's chance to convert under each
+    action (:class:`stream.uplift_model.UpliftModel` provides it)."""
+
+    @property
+    def actions(self) -> tuple[str, ...]: ...  # actions[0] is nothing done
+    @property
+    def base_rate(self) -> float: ...
+    @property
+    def version(self) -> str: ...
+
+    def conversion(self, columns: Mapping[str, Sequence[Any]]) -> np.ndarray: ...
 
 
 def decision_id(user_id: str, trigger: Trigger, policy_version: str = POLICY_VERSION) -> str:
@@ -259,7 +276,9 @@ class Context:
     # This user's push candidates (indices, scores) from rank_push_items, ranked with the
     # rest of the micro-batch; None: decide ranks them itself.
     push_ranking: tuple[np.ndarray, np.ndarray] | None = None
-    uplift: UpliftModel | None = None  # decides by incremental profit when there is one
+    uplift: ConversionModel | None = None  # decides by incremental profit when there is one
+    # Without one: Thompson sampling on these counts (policy.thompson_sampling), else the tiers.
+    bandit: OfferStats | None = None
 
 
 def decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: Trigger,
@@ -313,8 +332,8 @@ def offer_worth(offer: str, amount: float, conversion: Mapping[str, float], marg
     return (p - conversion[OFFER_NONE]) * margin - offer_cost(offer, amount, p, config)
 
 
-def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence[Option],
-                           ctx: Context, snapshot: Mapping[str, float]
+def _by_incremental_profit(user_id: str, state: UserState, trigger: Trigger,
+                           options: Sequence[Option], ctx: Context, snapshot: Mapping[str, float]
                            ) -> tuple[Option, dict[str, Any]]:
     """The option worth most (nothing, if no offer pays), and the user's segment as a reason:
 
@@ -327,7 +346,12 @@ def _by_incremental_profit(state: UserState, trigger: Trigger, options: Sequence
     model = ctx.uplift
     assert model is not None
     cfg = ctx.config
-    p = model.conversion(uplift_columns([snapshot], [trigger.kind]))[0]
+    columns = uplift_columns([snapshot], [trigger.kind])
+    # Who it is rides along for a scorer that knows users by id (`bench/shopsim_loop.py`'s
+    # oracle); a trained model reads only the columns it was trained on, and training rows
+    # (uplift_columns of the outcomes) have no such column.
+    columns[USER_COLUMN] = [user_id]
+    p = model.conversion(columns)[0]
     conversion = dict(zip(model.actions, p.tolist(), strict=True))
     order_value = state.spend / state.purchases if state.purchases else cfg.default_order_value
     margin = cfg.margin_rate * order_value
@@ -364,7 +388,21 @@ def features(state: UserState, now_ms: int, config: PolicyConfig) -> dict[str, f
         "propensity": round(calibrated(propensity(state, now_ms), config), 4),
         "pushes_today": float(state.channels["push"].sends_on(day)),
         "coupons_today": float(state.channels["coupon"].sends_on(day)),
+        **order_rhythm(state, now_ms),
     }
+
+
+def order_rhythm(state: UserState, now_ms: int) -> dict[str, float]:
+    """How long the user's kept history spans (``history_days``, to now) and how often they
+    ordered in it (``orders_per_week``; the span counts as a day at least). Counts alone
+    cannot tell a frequent buyer seen for a week from a rare one seen for months, and who an
+    offer changes depends on the rhythm (a weekly shopper buys anyway)."""
+    if not state.n_events:
+        return {"history_days": 0.0, "orders_per_week": 0.0}
+    days = max(0.0, now_ms / 1000 - float(state.ts_s[0])) / 86400
+    orders = int(np.count_nonzero(state.types == TYPE_ID["purchase"]))
+    return {"history_days": round(days, 4),
+            "orders_per_week": round(7 * orders / max(1.0, days), 4)}
 
 
 @dataclass
@@ -443,19 +481,28 @@ def _decide(user_id: str, state: UserState, vector: np.ndarray | None, trigger: 
         *blocked, *([push_block] if push_block else []))])
     options = [nothing, *coupons, *([push] if push else [])]
 
+    on_site = trigger.kind == TriggerKind.ON_SITE
+    preferred: dict[str, float] | None = None  # the policy's own odds, when it samples
     if ctx.uplift is not None:
-        greedy, segment = _by_incremental_profit(state, trigger, options, ctx, snapshot)
+        greedy, segment = _by_incremental_profit(user_id, state, trigger, options, ctx,
+                                                 snapshot)
         reasons.append(segment)
+    elif ctx.bandit is not None and not on_site:
+        greedy, preferred, sampled = _by_thompson_sampling(user_id, state, trigger, options,
+                                                           ctx, snapshot)
+        reasons.append(sampled)
     else:  # the propensity tiers: a coupon if one suits, else a push, else nothing
         greedy = static_coupon or push or nothing
         if push is not None and greedy is push:
             push.reasons.extend({"code": code} for code in blocked)
     # `choices` is the treatment arm's draw, logged for the holdout too: with the holdout
     # share it gives every outcome the probability of what the user actually got.
-    # On-site offers never explore: the page shows a preview and then claims it, and the
-    # claim must deliver what was shown (each has its own decision id, hence its own draw).
-    share = 0.0 if trigger.kind == TriggerKind.ON_SITE else cfg.exploration_share
-    chosen, choices = _explore(greedy, options, decision_id(user_id, trigger), share)
+    # On-site offers never explore or sample: the page shows a preview and then claims it,
+    # and the claim must deliver what was shown (each has its own decision id, hence its own
+    # draw).
+    share = 0.0 if on_site else cfg.exploration_share
+    chosen, choices = _explore(greedy, options, decision_id(user_id, trigger), share,
+                               preferred)
     if holdout:
         chosen = greedy  # recorded as what treatment would have preferred, never sent
     elif chosen.offer != greedy.offer:
@@ -487,21 +534,49 @@ def policy_version(ctx: Context) -> str:
     return POLICY_VERSION if ctx.uplift is None else f"{POLICY_VERSION}+{ctx.uplift.version}"
 
 
-def _explore(greedy: Option, options: Sequence[Option], decision: str,
-             share: float) -> tuple[Option, dict[str, float]]:
+def _explore(greedy: Option, options: Sequence[Option], decision: str, share: float,
+             preferred: Mapping[str, float] | None = None) -> tuple[Option, dict[str, float]]:
     """With probability ``share`` an option at random, else ``greedy``; and each option's
-    probability of being the one. The draw is a hash of the decision id: deciding the same
-    trigger again (a replay, a retry) draws the same."""
+    probability of being the one. ``preferred`` is the policy's own chance of each option
+    when it samples (Thompson sampling); else it always prefers ``greedy``. The draw is a hash
+    of the decision id: deciding the same trigger again (a replay, a retry) draws the same."""
     n = len(options)
+    odds = dict(preferred) if preferred is not None else {greedy.offer: 1.0}
     if n == 1 or share <= 0:
-        return greedy, {greedy.offer: 1.0}
+        return greedy, odds
     draw = int.from_bytes(hashlib.sha256(b"explore:" + decision.encode()).digest()[:8],
                           "big") / 2**64
     drawn = options[min(n - 1, int(draw / share * n))] if draw < share else greedy
     # Offers are compared by name: the greedy option may be a copy carrying extra reasons.
     chosen = greedy if drawn.offer == greedy.offer else drawn
-    return chosen, {o.offer: share / n + (1 - share) * (o.offer == greedy.offer)
+    return chosen, {o.offer: share / n + (1 - share) * odds.get(o.offer, 0.0)
                     for o in options}
+
+
+def _by_thompson_sampling(user_id: str, state: UserState, trigger: Trigger,
+                          options: Sequence[Option], ctx: Context,
+                          snapshot: Mapping[str, float]
+                          ) -> tuple[Option, dict[str, float], dict[str, Any]]:
+    """The option whose sampled incremental profit is highest (:mod:`stream.bandit`), each
+    option's chance to be the one, and the reason: the bucket and its posterior mean rates."""
+    stats = ctx.bandit
+    assert stats is not None
+    cfg = ctx.config
+    order_value = state.spend / state.purchases if state.purchases else cfg.default_order_value
+    margin = cfg.margin_rate * order_value
+    amounts = {o.offer: o.amount for o in options}
+
+    def worth(offer: str, rate: np.ndarray, rate_none: np.ndarray) -> np.ndarray:
+        cost = amounts[offer] * rate if offer in COUPON_TIERS else np.full(
+            len(rate), cfg.push_cost if offer == OFFER_PUSH else 0.0)
+        return np.asarray((rate - rate_none) * margin - cost)
+
+    bucket = bandit.bucket_of(snapshot, trigger.kind)
+    chosen, odds, rates = bandit.sample(stats, bucket, [o.offer for o in options], worth,
+                                        decision_id(user_id, trigger))
+    option = next(o for o in options if o.offer == chosen)
+    return option, odds, {"code": "thompson_sampling", "bucket": bucket,
+                          "rate": {offer: round(r, 4) for offer, r in rates.items()}}
 
 
 def _recent_indices(state: UserState, model: ItemModel) -> np.ndarray:

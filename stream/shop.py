@@ -116,6 +116,10 @@ def histories(rows: Iterable[Interaction], max_items: int = 12) -> list[list[Ord
     return result
 
 
+def basket_value(items: Sequence[str]) -> float:
+    return round(sum(price(item) for item in items), 2)
+
+
 def price(item_id: str) -> float:
     """A stable price for an item the data gives none for: 1.00 to 10.99."""
     return 1 + int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=2).digest(),
@@ -131,7 +135,7 @@ class SimUser:
     skip_next: bool = False
     busy_until: int = 0
     pushes: list[int] = field(default_factory=list)
-    coupon: tuple[str, int] | None = None  # (coupon id, held until)
+    coupon: tuple[str, int, float] | None = None  # (coupon id, held until, discount)
 
 
 @dataclass
@@ -141,7 +145,11 @@ class ShopStats:
     extra_orders: int = 0
     browse_sessions: int = 0
     treated: int = 0  # decisions sent to the shop's users
+    pushes: int = 0
     redeemed: int = 0
+    coupon_spend: float = 0.0  # discounts of redeemed coupons: what promotions cost the shop
+    extra_value: float = 0.0  # of the orders decisions brought
+    skipped_value: float = 0.0  # of the orders pushes put off
 
 
 class Shop:
@@ -220,10 +228,12 @@ class Shop:
                 if user.skip_next:
                     user.skip_next = False
                     self.stats.skipped_orders += 1
+                    self.stats.skipped_value += basket_value(template.items)
                     continue
                 self.stats.natural_orders += 1
             else:
                 self.stats.extra_orders += 1
+                self.stats.extra_value += basket_value(template.items)
             events += self._order(user, at, template.items)
         return events
 
@@ -241,9 +251,10 @@ class Shop:
                 and self.rng.random() < self.effects.redeem_rate:
             coupon_id = user.coupon[0]
             self.stats.redeemed += 1
+            self.stats.coupon_spend += user.coupon[2]
         user.coupon = None if coupon_id else user.coupon
         events.append(self._event(user, "purchase", items[-1], done, quantity=len(items),
-                                  value=round(sum(price(i) for i in items), 2),
+                                  value=basket_value(items),
                                   coupon_id=coupon_id))
         user.busy_until = done
         return events
@@ -260,8 +271,9 @@ class Shop:
         return events
 
     def answer(self, user_id: str, arm: str, action: str, coupon_id: str | None,
-               at_ms: int) -> None:
-        """A decision reached the user at ``at_ms`` (shop time): act on it if it was sent."""
+               at_ms: int, discount: float = 0.0) -> None:
+        """A decision reached the user at ``at_ms`` (shop time): act on it if it was sent.
+        ``discount`` is the coupon's money off, spent if the user redeems it."""
         k = self.by_id.get(user_id)
         if k is None or arm != Arm.TREATMENT or action == Action.NONE:
             return
@@ -269,19 +281,21 @@ class Shop:
         self.stats.treated += 1
         recent = sum(1 for t in user.pushes if t > at_ms - 7 * DAY_MS)
         if action == Action.PUSH:
+            self.stats.pushes += 1
             user.pushes = [t for t in user.pushes if t > at_ms - 7 * DAY_MS] + [at_ms]
             if user.segment == "do_not_disturb" \
                     and self.rng.random() < self.effects.put_off_rate:
                 user.skip_next = True
         elif coupon_id is not None:
-            user.coupon = (coupon_id, at_ms + 7 * DAY_MS)
+            user.coupon = (coupon_id, at_ms + 7 * DAY_MS, discount)
         if self.rng.random() < self.effects.uplift(user.segment, action, recent):
             self._push(at_ms + int(self.rng.uniform(1, 72) * HOUR_MS), "extra", k)
 
     def answer_json(self, raw: bytes, at_ms: int) -> None:
         body = orjson.loads(raw)
         coupon = body.get("coupon") or {}
-        self.answer(body["user_id"], body["arm"], body["action"], coupon.get("coupon_id"), at_ms)
+        self.answer(body["user_id"], body["arm"], body["action"], coupon.get("coupon_id"), at_ms,
+                    float(coupon.get("discount") or 0.0))
 
     def segments(self) -> dict[str, int]:
         counts = dict.fromkeys(SEGMENTS, 0)
@@ -354,7 +368,7 @@ def rehearse(setup: Setup, holdout_percent: float, step_ms: int = HOUR_MS,
         for decision in result.decisions:
             coupon = decision.coupon or {}
             shop.answer(decision.user_id, decision.arm, decision.action,
-                        coupon.get("coupon_id"), now)
+                        coupon.get("coupon_id"), now, float(coupon.get("discount") or 0.0))
         for outcome in result.outcomes:
             tallies[outcome.campaign].add(outcome)
             tallies["all"].add(outcome)

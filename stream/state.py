@@ -162,7 +162,6 @@ def apply_events(state: UserState, events: list[Event], *,
 
 
 def _count(state: UserState, event: Event) -> None:
-    quantity = event.quantity or 1
     if event.type == "view":
         state.views += 1
     elif event.type == "click":
@@ -175,8 +174,7 @@ def _count(state: UserState, event: Event) -> None:
             state.cart_reminded = False
     elif event.type == "purchase":
         state.purchases += 1
-        if event.price is not None:
-            state.spend += event.price * quantity
+        state.spend += event.worth  # the order's value, else price x quantity
         if state.cart_open and event.ts >= state.cart_ts_ms:
             state.cart_open = False
 

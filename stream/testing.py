@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from stream import outcomes
+from stream.bandit import OfferStats
 from stream.config import PolicyConfig
 from stream.contracts import Coupon, Limits, Preferences
 from stream.metrics import Metrics
@@ -184,6 +185,10 @@ class Harness:
                  limits: Limits | None = None, retries: int = 2,
                  attribution: outcomes.Rules | None = outcomes.DEFAULT_RULES) -> None:
         self.store = MemoryStore()
+        # What a worker reads back from the outcomes topic (for policy.thompson_sampling):
+        # here, every outcome the harness's pipeline publishes.
+        self.offer_stats = OfferStats(window_ms=int(
+            (policy or PolicyConfig()).bandit_window_days * 86_400_000))
         self.sink = ListSink()
         self.metrics = Metrics()
         self.model = FixedModel(encoder)
@@ -195,7 +200,8 @@ class Harness:
             limits=limits or Limits(), topics=TOPICS, store=self.store, sink=self.sink,
             metrics=self.metrics, model=self.model, policy_config=policy or PolicyConfig(),
             coupons=lambda: self._coupons, partitions=partitions, retries=retries,
-            attribution=attribution, clock=lambda: self.now_ms / 1000)
+            attribution=attribution, clock=lambda: self.now_ms / 1000,
+            offer_stats=self.offer_stats)
 
     def record(self, key: bytes | str | None, value: bytes | None, *,
                partition: int | None = None, topic: str = TOPICS.events) -> Consumed:
@@ -212,10 +218,15 @@ class Harness:
         self.store.preferences.setdefault(partition, {})[user_id] = prefs.to_json()
 
     def run(self, records: Sequence[Consumed]) -> BatchResult:
-        return asyncio.run(self.pipeline.process(records))
+        return self._counted(asyncio.run(self.pipeline.process(records)))
 
     def check_carts(self) -> BatchResult:
-        return asyncio.run(self.pipeline.check_carts())
+        return self._counted(asyncio.run(self.pipeline.check_carts()))
+
+    def _counted(self, result: BatchResult) -> BatchResult:
+        for outcome in result.outcomes:
+            self.offer_stats.add(outcome)
+        return result
 
     def redeliver_forwarded(self) -> BatchResult:
         """Consume what the pipeline forwarded to the repartition topic (as the worker that

@@ -24,7 +24,7 @@ from stream.config import KafkaSettings
 from stream.contracts import DAY_MS
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaConsumer, ConsumerRecord
+    from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -143,20 +143,14 @@ async def read_snapshot(kafka: KafkaSettings, topic: str,
     taken when reading starts (records arriving meanwhile wait for the next read), with
     ``read_committed``: an aborted transaction's records never reach it. Returns partition ->
     the offset reading stopped at; ``on_progress(read, total)`` is called after each fetch."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 isolation_level="read_committed")
     try:
         await consumer.start()
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()  # a fresh client may not know yet
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise TopicMissing(f"topic {topic!r} not found on {kafka.bootstrap_servers}")
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await _all_partitions(consumer, kafka, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         start = await consumer.beginning_offsets(tps)
@@ -183,6 +177,53 @@ async def read_snapshot(kafka: KafkaSettings, topic: str,
     finally:
         await consumer.stop()
     return {tp.partition: end[tp] for tp in tps}
+
+
+async def _all_partitions(consumer: AIOKafkaConsumer, kafka: KafkaSettings,
+                          topic: str) -> list[TopicPartition]:
+    from aiokafka import TopicPartition
+
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()  # a fresh client may not know yet
+        partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise TopicMissing(f"topic {topic!r} not found on {kafka.bootstrap_servers}")
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+async def follow_topic(kafka: KafkaSettings, topic: str,
+                       handle: Callable[[bytes | None, bytes | None], None], *,
+                       on_caught_up: Callable[[], None] | None = None) -> None:
+    """Hand ``handle(key, value)`` every record of ``topic`` from the beginning, then every new
+    one, forever, outside any consumer group (every caller reads all partitions: a compacted
+    topic read in full, as a faust GlobalTable would be), under ``read_committed``.
+    ``on_caught_up`` is called once, when the end offsets found at the start are reached."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        tps = await _all_partitions(consumer, kafka, topic)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        caught_up = on_caught_up is None
+        while True:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for records in batch.values():
+                for record in records:
+                    handle(record.key, record.value)
+            if not caught_up:
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    caught_up = True
+                    assert on_caught_up is not None
+                    on_caught_up()
+    finally:
+        await consumer.stop()
 
 
 class TopicMissing(LookupError):

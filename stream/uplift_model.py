@@ -224,6 +224,9 @@ def fit(columns: Columns, actions: Vector, converted: Vector,
     taken = np.asarray([str(a) for a in actions])
     if set(np.unique(y)) - {0, 1}:
         raise ValueError("the outcome must be 0 or 1")
+    if len(np.unique(y)) < 2 or min(np.bincount(y)) < folds:
+        raise ValueError(f"need at least {folds} rows that converted and {folds} that did not; "
+                         f"got {int(y.sum())} and {int(len(y) - y.sum())}")
     names = sorted(set(taken.tolist()) - {CONTROL})
     if CONTROL not in set(taken.tolist()) or not names:
         raise ValueError(f"need rows with action {CONTROL!r} and rows with another action; "

@@ -6,6 +6,7 @@ no one else, and the logging policy favoured the wrong users."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -194,3 +195,20 @@ def test_a_model_trained_from_the_topic_is_published_and_a_worse_one_refused(
     assert live.resolve() == (tmp_path / "good").resolve()
     refused = publish("bad")
     assert refused["published"] is False and live.resolve() == (tmp_path / "good").resolve()
+
+
+def test_decisions_too_recent_to_have_closed_without_a_conversion_are_left_out() -> None:
+    # A conversion closes its window at once, a window without one only when it runs out: the
+    # newest decisions are in the log mostly when they converted, and would flatter offers.
+    old = [dataclasses.replace(o, window_start=1_000 + i, closed_by=Closure.CONVERSION
+                               if o.converted else Closure.WINDOW)
+           for i, o in enumerate(logged(1_000, seed=3))]
+    recent = [dataclasses.replace(o, decision_id=f"new-{i}", window_start=10_000 + i,
+                                  converted=True, closed_by=Closure.CONVERSION)
+              for i, o in enumerate(logged(300, seed=4))]
+    log = offpolicy.read_log(old + recent, CONFIG)
+    newest_ran_out = max(o.window_start for o in old if not o.converted)
+    assert {o.decision_id for o in log.outcomes} == {
+        o.decision_id for o in old if o.window_start <= newest_ran_out}
+    with pytest.raises(ValueError, match="run out"):
+        offpolicy.read_log(recent, CONFIG)

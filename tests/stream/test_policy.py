@@ -14,8 +14,20 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from encoder.inference import item_key
+from stream.bandit import OfferStats
 from stream.config import PolicyConfig
-from stream.contracts import Coupon, Decision, Event, Preferences, Trigger, TriggerKind
+from stream.contracts import (
+    Action,
+    Arm,
+    Closure,
+    Coupon,
+    Decision,
+    Event,
+    Outcome,
+    Preferences,
+    Trigger,
+    TriggerKind,
+)
 from stream.policy import (
     POLICY_VERSION,
     Context,
@@ -501,18 +513,29 @@ def test_an_offer_the_uplift_model_never_saw_is_not_chosen_for_it() -> None:
                                               st.sampled_from(ITEMS)), max_size=12),
        share=st.floats(0, 1), holdout=st.sampled_from([0.0, 10.0, 100.0]),
        budget=st.floats(0, 20), push_opt_in=st.booleans(), coupon_opt_in=st.booleans(),
-       with_uplift=st.booleans(), kind=st.sampled_from(list(TriggerKind)))
+       mode=st.sampled_from(["tiers", "uplift", "thompson"]),
+       kind=st.sampled_from(list(TriggerKind)))
 def test_any_user_and_settings_get_probabilities_that_sum_to_one_and_the_holdout_nothing(
         user: str, history: list[tuple[str, str]], share: float, holdout: float,
-        budget: float, push_opt_in: bool, coupon_opt_in: bool, with_uplift: bool,
+        budget: float, push_opt_in: bool, coupon_opt_in: bool, mode: str,
         kind: TriggerKind) -> None:
     state = user_with([ev(n, t, i) for n, (t, i) in enumerate(history)])
     config = PolicyConfig(holdout_percent=holdout, exploration_share=share,
                           default_push_opt_in=push_opt_in, default_coupon_opt_in=coupon_opt_in)
     context = ctx(coupons=[coupon(budget=budget)], config=config)
-    if with_uplift:
+    if mode == "uplift":
         context.uplift = constant_uplift({"none": 0.1, "coupon_full": 0.3, "coupon_half": 0.2,
                                           "push": 0.15})
+    elif mode == "thompson":
+        context.bandit = OfferStats()
+        for n, (offer, converted) in enumerate([("none", False), ("push", True),
+                                                ("coupon_half", True), ("coupon_full", False)]):
+            context.bandit.add(Outcome(
+                decision_id=f"d{n}", user_id="v", arm=Arm.TREATMENT, action=Action.NONE,
+                coupon_id=None, discount=0.0, template=None, trigger=kind, model_version="m",
+                policy_version="p", created_at=0, window_start=0, window_ms=1,
+                features={"purchases": 1.0}, closed_by=Closure.WINDOW, converted=converted,
+                offer=offer))
     d = decide(user, state, VECTOR, Trigger(kind, "t1", ("i3",), NOON), None, context)
     if not (push_opt_in or coupon_opt_in):
         assert d is None  # no consent: not even a record

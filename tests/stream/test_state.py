@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -75,6 +77,14 @@ def test_counters_spend_and_the_open_cart() -> None:
     apply_events(s, [ev(3, "purchase", "a", price=12.5)])
     assert not s.cart_open
     assert (s.carts, s.clicks, s.purchases, s.spend) == (1, 1, 1, 12.5)
+
+
+def test_spend_is_the_order_value_when_the_purchase_names_one() -> None:
+    # A producer may send the order's value and no price: the policy's margin reads spend.
+    s = UserState()
+    apply_events(s, [replace(ev(1, "purchase", "a"), value=40.0, quantity=3),
+                     replace(ev(2, "purchase", "b", price=2.0), quantity=3)])
+    assert (s.purchases, s.spend) == (2, 46.0)
 
 
 def test_a_purchase_older_than_the_cart_does_not_close_it() -> None:
