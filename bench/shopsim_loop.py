@@ -1,19 +1,22 @@
 """The closed learning loop on the simulated shop: 14 days, starting from no uplift model.
 
-Three runs of the same shop (same users, same seed; `stream.shop`), each through the worker's
+Four runs of the same shop (same users, same seed; `stream.shop`), each through the worker's
 own pipeline in-process (:class:`stream.testing.Harness`: the code a worker runs, on the shop's
 clock), side by side in one run:
 
 - **static**: today's propensity tiers (no coupon to likely buyers, half to fairly likely
   ones, a push when no coupon goes), no exploration;
-- **learned**: the product as shipped. It starts from no uplift model; the tiers decide and
-  logged exploration (``--exploration``) and the holdout collect the data. Every
+- **learned**: the product's learning loop. It starts from no uplift model: Thompson sampling
+  (`policy.thompson_sampling`, :mod:`stream.bandit`) chooses, and logged exploration
+  (``--exploration``) and the holdout collect the data. From ``--first-retrain-days``, every
   ``--retrain-days`` it does what an operator's cron would: `promo train-uplift --from-kafka`
   on the outcomes closed so far (:func:`stream.uplift_train.from_outcomes` and ``train``),
   `promo evaluate-policy` (:func:`stream.offpolicy.compare`, on decisions the candidate held
   out), and `promo publish`'s rule: the candidate serves only if its paired gain over the
   live policy is above zero with 95% confidence. The worker then swaps it in, as the model
   watcher does;
+- **ungated**: the same retraining without Thompson sampling, serving every candidate: what
+  each candidate then achieves is measured against what off-policy evaluation said of it;
 - **oracle**: decides by incremental profit with the simulator's true effects (each user's
   segment, rhythm and recent pushes), under the same rules, caps and budgets.
 
@@ -32,9 +35,9 @@ Headlines (merged into summary.json):
 
 It also checks what must hold whatever the figures: no campaign spends over its budget, no
 holdout user is ever sent anything; and whether off-policy evaluation is honest: each
-published candidate's DR estimate (incremental profit per decision, made from the log before
-it served) against what it then achieved on the following days, measured on-policy against
-the holdout.
+served candidate's DR estimate of its incremental profit per decision over the holdout, made
+from the log before it served, against what it then achieved over the holdout of the days it
+served.
 
 Why in-process and not through a broker: a live worker decides on the wall clock (caps,
 quiet hours, days idle) and an accelerated shop lives on its own, so features would be skewed
