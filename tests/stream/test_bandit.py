@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from stream import bandit
 from stream.config import PolicyConfig, Settings
@@ -69,6 +72,32 @@ def test_decisions_older_than_the_window_are_forgotten() -> None:
     assert stats.get("cart_add/new", "push") == bandit.Counts(1, 0)
     stats.add(outcome(1, "push", True, created_at=0))  # forgotten, and too old to count again
     assert stats.get("cart_add/new", "push").decisions <= 2
+
+
+@hyp_settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 20), st.booleans(),
+                          st.sampled_from(["none", "push", "coupon_half"]), st.booleans()),
+                max_size=60))
+def test_counts_are_the_recent_distinct_decisions_whatever_the_order_or_repeats(
+        arrivals: list[tuple[int, int, bool, str, bool]]) -> None:
+    window = 7 * DAY_MS
+    stats = bandit.OfferStats(window_ms=window)
+    first_seen: dict[int, Outcome] = {}
+    for n, day, converted, offer, holdout in arrivals:
+        # A decision's record is the same each time it is read again.
+        row = first_seen.setdefault(n, outcome(
+            n, offer, converted, arm=Arm.HOLDOUT if holdout else Arm.TREATMENT,
+            created_at=day * DAY_MS))
+        stats.add(row)
+    newest = max((row.created_at for row in first_seen.values()), default=0)
+    expected: dict[tuple[str, str], bandit.Counts] = {}
+    for row in first_seen.values():
+        if row.created_at >= newest - window:
+            key = ("cart_add/new", "none" if row.arm == Arm.HOLDOUT else row.offer)
+            counts = expected.setdefault(key, bandit.Counts())
+            counts.decisions += 1
+            counts.converted += row.converted
+    assert {k: v for k, v in stats.counts.items() if v.decisions} == expected
 
 
 def worth_at(margin: float, costs: dict[str, float]
