@@ -6,7 +6,8 @@ offer (nothing, each coupon tier, a push: the push's template follows from the t
 the bucket names it), the closed decisions say how often users converted. A Beta posterior
 per (bucket, offer) over the conversion rate, sampled once per decision, turns into each
 feasible offer's sampled incremental profit, ``(rate(offer) - rate(none)) x margin - cost``
-(:func:`stream.policy.offer_worth`); the best sample wins. Offers that look good are chosen
+(:func:`stream.policy.offer_worth`; a coupon's money at its budget's shadow price); the best
+sample wins. Offers that look good are chosen
 more, offers still uncertain are tried now and then, and no threshold is set by hand.
 
 - **Shared by all workers.** Every worker reads the compacted `outcomes` topic in full and

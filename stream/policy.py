@@ -79,6 +79,16 @@ class CouponBudget:
         elapsed = (now_ms - coupon.valid_from_ms) / (coupon.valid_to_ms - coupon.valid_from_ms)
         return self.share * min(1.0, 0.1 + 0.9 * max(0.0, elapsed))
 
+    def shadow_price(self, coupon: Coupon, now_ms: int) -> float:
+        """What one unit of this budget's money is worth now beyond its face value: the
+        derivative of a log barrier on the paced allowance, ``u / (1 - u)`` with ``u`` the
+        share of the allowance spent. 0 while nothing is spent, 1 at half (a coupon must then
+        earn its cost twice over), unbounded at the allowance, where pacing refuses anyway:
+        as the money runs short, what is left goes to the offers that earn most per unit."""
+        allowance = self.paced_allowance(coupon, now_ms)
+        used = self.spent / allowance if allowance > 0 else 1.0
+        return math.inf if used >= 1 else used / (1 - used)
+
     def can_issue(self, coupon: Coupon, amount: float, now_ms: int) -> str | None:
         """None if ``amount`` may be reserved now, else the reason code why not."""
         if self.exposure_share and self.exposures >= self.exposure_share:
@@ -332,6 +342,12 @@ def offer_worth(offer: str, amount: float, conversion: Mapping[str, float], marg
     return (p - conversion[OFFER_NONE]) * margin - offer_cost(offer, amount, p, config)
 
 
+def _priced_cost(option: Option, p_convert: float, config: PolicyConfig) -> float:
+    """What the option's money is worth beyond its face value, at its budget's shadow price."""
+    cost = offer_cost(option.offer, option.amount, p_convert, config)
+    return option.price * cost if option.price and cost else 0.0
+
+
 def _by_incremental_profit(user_id: str, state: UserState, trigger: Trigger,
                            options: Sequence[Option], ctx: Context, snapshot: Mapping[str, float]
                            ) -> tuple[Option, dict[str, Any]]:
@@ -356,9 +372,14 @@ def _by_incremental_profit(user_id: str, state: UserState, trigger: Trigger,
     order_value = state.spend / state.purchases if state.purchases else cfg.default_order_value
     margin = cfg.margin_rate * order_value
     worth = {o.offer: offer_worth(o.offer, o.amount, conversion, margin, cfg) for o in options}
-    best = max(options, key=lambda o: (worth[o.offer], o.offer == OFFER_NONE))
+    # The budget's money priced beyond its face value (0 unless it runs short): what is left
+    # goes to the offers that earn most per unit of it.
+    priced = {o.offer: worth[o.offer] - _priced_cost(o, conversion.get(o.offer, 0.0), cfg)
+              for o in options}
+    best = max(options, key=lambda o: (priced[o.offer], o.offer == OFFER_NONE))
+    at_face_value = max(options, key=lambda o: (worth[o.offer], o.offer == OFFER_NONE))
     uplift = {a: conversion[a] - conversion[OFFER_NONE] for a in model.actions[1:]}
-    if best.offer != OFFER_NONE:
+    if at_face_value.offer != OFFER_NONE:
         segment = "persuadable"
     elif uplift and max(uplift.values()) < 0:
         segment = "do_not_disturb"
@@ -366,10 +387,14 @@ def _by_incremental_profit(user_id: str, state: UserState, trigger: Trigger,
         segment = "sure_thing"
     else:
         segment = "lost_cause"
-    return best, {"code": segment, "p_none": round(conversion[OFFER_NONE], 4),
-                  "uplift": {a: round(u, 4) for a, u in uplift.items()},
-                  "worth": round(worth[best.offer], 4) if math.isfinite(worth[best.offer])
-                  else None}
+    reason: dict[str, Any] = {
+        "code": segment, "p_none": round(conversion[OFFER_NONE], 4),
+        "uplift": {a: round(u, 4) for a, u in uplift.items()},
+        "worth": round(worth[best.offer], 4) if math.isfinite(worth[best.offer]) else None}
+    if at_face_value.offer != best.offer:
+        reason["budget_shadow_price"] = {"instead_of": at_face_value.offer,
+                                         "price": round(min(at_face_value.price, 1e6), 3)}
+    return best, reason
 
 
 def features(state: UserState, now_ms: int, config: PolicyConfig) -> dict[str, float]:
@@ -415,6 +440,7 @@ class Option:
     reasons: list[dict[str, Any]] = field(default_factory=list)
     coupon: Coupon | None = None
     amount: float = 0.0  # the coupon's discount at this tier
+    price: float = 0.0  # the coupon budget's shadow price (CouponBudget.shadow_price)
     push: dict[str, Any] | None = None
 
 
@@ -564,7 +590,8 @@ def _by_thompson_sampling(user_id: str, state: UserState, trigger: Trigger,
     cfg = ctx.config
     order_value = state.spend / state.purchases if state.purchases else cfg.default_order_value
     margin = cfg.margin_rate * order_value
-    amounts = {o.offer: o.amount for o in options}
+    # A coupon's money at face value plus the budget's shadow price.
+    amounts = {o.offer: o.amount * (1 + o.price) if o.amount else 0.0 for o in options}
 
     def worth(offer: str, rate: np.ndarray, rate_none: np.ndarray) -> np.ndarray:
         cost = amounts[offer] * rate if offer in COUPON_TIERS else np.full(
@@ -608,9 +635,11 @@ def _coupon_options(state: UserState, vector: np.ndarray | None, trigger: Trigge
             blocks[offer] = sorted(budget_blocks) or ["no_eligible_coupon"]
             continue
         score, coupon, amount = max(candidates, key=lambda c: (c[0], c[1].coupon_id))
+        budget = ctx.budgets[coupon.coupon_id]
         options.append(Option(offer, Action.COUPON, score, [
             {"code": "coupon_match", "coupon_id": coupon.coupon_id,
-             "items": _explain(state, coupon.items, ctx)}], coupon=coupon, amount=amount))
+             "items": _explain(state, coupon.items, ctx)}], coupon=coupon, amount=amount,
+            price=budget.shadow_price(coupon, ctx.now_ms)))
     return options, blocks
 
 

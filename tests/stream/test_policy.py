@@ -502,6 +502,42 @@ def test_the_uplift_policy_picks_the_most_incremental_profit_and_names_the_segme
                                            else 2.5 if offer == "coupon_half" else 0.0)
 
 
+def test_a_budget_is_priced_above_face_value_only_as_it_runs_short() -> None:
+    budget = partition_budget(coupon(), 0, 1)  # 1,000, released at once (no end date)
+    assert budget.shadow_price(coupon(), NOON) == 0.0
+    budget.spent = 500.0
+    assert budget.shadow_price(coupon(), NOON) == pytest.approx(1.0)
+    budget.spent = 1000.0
+    assert budget.shadow_price(coupon(), NOON) == float("inf")
+
+
+def test_a_budget_running_short_goes_to_the_users_a_coupon_earns_most_per_unit_of_money(
+        ) -> None:
+    # Face value, margin 30: the coupon earns 0.3 x 30 = 9 for 5 x 0.4 = 2 of money (4.5 per
+    # unit) from one user, 0.8 x 30 = 24 for 5 x 0.9 = 4.5 (5.3 per unit) from the other; a
+    # push earns 0.05 x 30 - 0.5 = 1.0 from either.
+    modest = {"none": 0.1, "coupon_full": 0.4, "push": 0.15}
+    keen = {"none": 0.1, "coupon_full": 0.9, "push": 0.15}
+
+    def decided(rates: dict[str, float], spent: float) -> Decision:
+        context = ctx(config=WORTH)
+        context.uplift = constant_uplift(rates)
+        context.budgets["c1"].spent = spent
+        d = decide("u1", active_user(), VECTOR, CART, None, context)
+        assert d is not None
+        return d
+
+    assert decided(modest, 0.0).offer == "coupon_full"  # plenty left: worth 7.0 against 1.0
+    # 80% spent: each unit of money is priced at 4 more, so the modest coupon is worth
+    # 7 - 4 x 2 = -1 and the push goes instead; the keen user's coupon still pays
+    # (19.5 - 4 x 4.5 = 1.5).
+    short = decided(modest, 800.0)
+    assert short.offer == "push"
+    reason = next(r for r in short.reasons if r["code"] == "persuadable")
+    assert reason["budget_shadow_price"] == {"instead_of": "coupon_full", "price": 4.0}
+    assert decided(keen, 800.0).offer == "coupon_full"
+
+
 def test_an_offer_the_uplift_model_never_saw_is_not_chosen_for_it() -> None:
     d, _ = decide_with({"none": 0.1, "push": 0.11})  # a model trained without coupons
     assert d.offer == "none"  # push: 0.01 x 30 - 0.5 < 0; coupons: no estimate
