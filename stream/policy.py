@@ -79,15 +79,15 @@ class CouponBudget:
         elapsed = (now_ms - coupon.valid_from_ms) / (coupon.valid_to_ms - coupon.valid_from_ms)
         return self.share * min(1.0, 0.1 + 0.9 * max(0.0, elapsed))
 
-    def shadow_price(self, coupon: Coupon, now_ms: int) -> float:
-        """What one unit of this budget's money is worth now beyond its face value: the
-        derivative of a log barrier on the paced allowance, ``u / (1 - u)`` with ``u`` the
-        share of the allowance spent. 0 while nothing is spent, 1 at half (a coupon must then
-        earn its cost twice over), unbounded at the allowance, where pacing refuses anyway:
-        as the money runs short, what is left goes to the offers that earn most per unit."""
-        allowance = self.paced_allowance(coupon, now_ms)
-        used = self.spent / allowance if allowance > 0 else 1.0
-        return math.inf if used >= 1 else used / (1 - used)
+    def shadow_price(self, coupon: Coupon, amount: float, now_ms: int) -> float:
+        """What each unit of ``amount`` is worth beyond its face value now: ``amount`` over the
+        paced allowance left after it. Negligible while the allowance has room for many such
+        coupons, 1 when this one would take half of what is left, unbounded at the limit. At
+        the pacing wall, where first come first served would decide, the coupons that earn
+        most per unit of money pass first; with room, the price is near 0 and nothing changes.
+        """
+        left = self.paced_allowance(coupon, now_ms) - self.spent - amount
+        return math.inf if left <= 0 else amount / left
 
     def can_issue(self, coupon: Coupon, amount: float, now_ms: int) -> str | None:
         """None if ``amount`` may be reserved now, else the reason code why not."""
@@ -639,7 +639,7 @@ def _coupon_options(state: UserState, vector: np.ndarray | None, trigger: Trigge
         options.append(Option(offer, Action.COUPON, score, [
             {"code": "coupon_match", "coupon_id": coupon.coupon_id,
              "items": _explain(state, coupon.items, ctx)}], coupon=coupon, amount=amount,
-            price=budget.shadow_price(coupon, ctx.now_ms)))
+            price=budget.shadow_price(coupon, amount, ctx.now_ms)))
     return options, blocks
 
 

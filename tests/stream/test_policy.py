@@ -504,11 +504,11 @@ def test_the_uplift_policy_picks_the_most_incremental_profit_and_names_the_segme
 
 def test_a_budget_is_priced_above_face_value_only_as_it_runs_short() -> None:
     budget = partition_budget(coupon(), 0, 1)  # 1,000, released at once (no end date)
-    assert budget.shadow_price(coupon(), NOON) == 0.0
-    budget.spent = 500.0
-    assert budget.shadow_price(coupon(), NOON) == pytest.approx(1.0)
-    budget.spent = 1000.0
-    assert budget.shadow_price(coupon(), NOON) == float("inf")
+    assert budget.shadow_price(coupon(), 5.0, NOON) == pytest.approx(5 / 995)
+    budget.spent = 990.0  # 10 left: this coupon would take half of it
+    assert budget.shadow_price(coupon(), 5.0, NOON) == pytest.approx(1.0)
+    budget.spent = 995.0
+    assert budget.shadow_price(coupon(), 5.0, NOON) == float("inf")
 
 
 def test_a_budget_running_short_goes_to_the_users_a_coupon_earns_most_per_unit_of_money(
@@ -528,14 +528,16 @@ def test_a_budget_running_short_goes_to_the_users_a_coupon_earns_most_per_unit_o
         return d
 
     assert decided(modest, 0.0).offer == "coupon_full"  # plenty left: worth 7.0 against 1.0
-    # 80% spent: each unit of money is priced at 4 more, so the modest coupon is worth
-    # 7 - 4 x 2 = -1 and the push goes instead; the keen user's coupon still pays
-    # (19.5 - 4 x 4.5 = 1.5).
-    short = decided(modest, 800.0)
+    assert decided(modest, 900.0).offer == "coupon_full"  # room for many: price 0.05
+    # Nearly at the limit: 5 / 3.5 left after this coupon, so each unit of money is priced at
+    # 3.5 more. The modest coupon is worth 7 - 3.5 x 2 = 0 and the push goes instead; the keen
+    # user's coupon still pays (19.5 - 3.5 x 4.5 = 3.75).
+    near = 1000.0 - 5.0 - 5.0 / 3.5
+    short = decided(modest, near)
     assert short.offer == "push"
     reason = next(r for r in short.reasons if r["code"] == "persuadable")
-    assert reason["budget_shadow_price"] == {"instead_of": "coupon_full", "price": 4.0}
-    assert decided(keen, 800.0).offer == "coupon_full"
+    assert reason["budget_shadow_price"] == {"instead_of": "coupon_full", "price": 3.5}
+    assert decided(keen, near).offer == "coupon_full"
 
 
 def test_an_offer_the_uplift_model_never_saw_is_not_chosen_for_it() -> None:
