@@ -71,7 +71,6 @@ from stream.policy import (
     OFFER_PUSH,
     USER_COLUMN,
     in_holdout,
-    offer_cost,
 )
 from stream.testing import Harness, tiny_encoder
 from stream.uplift_model import UpliftModel
@@ -239,13 +238,8 @@ def achieved_after(run: Run, policy: PolicyConfig, version: str, since_day: floa
     if len(served) < 30 or len(holdout) < 30:
         return None
 
-    def rewards(outcomes: list[Outcome]) -> np.ndarray:
-        return np.asarray([offpolicy.margin_of(o.features, policy) * o.converted
-                           - offer_cost(OFFER_NONE if o.arm == Arm.HOLDOUT else o.offer,
-                                        o.discount, float(o.redeemed), policy)
-                           for o in outcomes])
-
-    a, b = rewards(served), rewards(holdout)
+    _, a = offpolicy.realized(served, [o.offer for o in served], policy)
+    _, b = offpolicy.realized(holdout, [OFFER_NONE] * len(holdout), policy)
     value = float(a.mean() - b.mean())
     half = 1.959964 * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
     return {"value": value, "low": value - half, "high": value + half,

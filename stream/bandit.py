@@ -105,18 +105,16 @@ def sample(stats: OfferStats, bucket: str, offers: Sequence[str],
     rng = np.random.default_rng(int.from_bytes(
         hashlib.sha256(b"thompson:" + decision_id.encode()).digest()[:8], "big"))
     names = list(dict.fromkeys([NONE, *offers]))
-    rates = {}
-    for offer in names:
-        c = stats.get(bucket, offer)
-        rates[offer] = rng.beta(1 + c.converted, 1 + c.decisions - c.converted, size=DRAWS)
+    counts = {offer: stats.get(bucket, offer) for offer in names}
+    rates = {offer: rng.beta(1 + c.converted, 1 + c.decisions - c.converted, size=DRAWS)
+             for offer, c in counts.items()}
     values = np.stack([worth(offer, rates[offer], rates[NONE]) if offer != NONE
                        else np.zeros(DRAWS) for offer in names])
     # Ties (nothing vs an offer worth exactly 0) go to doing nothing, as the greedy policy's.
     winners = np.argmax(values, axis=0)
     chosen = names[int(winners[0])]  # the first draw decides; all of them estimate the odds
     share = np.bincount(winners, minlength=len(names)) / DRAWS
-    posterior = {offer: (1 + stats.get(bucket, offer).converted)
-                 / (2 + stats.get(bucket, offer).decisions) for offer in names}
+    posterior = {offer: (1 + c.converted) / (2 + c.decisions) for offer, c in counts.items()}
     probabilities = {offer: float(share[i]) for i, offer in enumerate(names)}
     return chosen, probabilities, posterior
 

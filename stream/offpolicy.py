@@ -89,6 +89,18 @@ def margin_of(features: dict[str, float], config: PolicyConfig) -> float:
     return config.margin_rate * order
 
 
+def realized(outcomes: Sequence[Outcome], got: Sequence[str],
+             config: PolicyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Each decision's margin of a conversion, and its value given what the user ``got``: the
+    margin if it converted, less what was actually paid (a redeemed coupon's discount, a
+    push's cost)."""
+    margin = np.asarray([margin_of(o.features, config) for o in outcomes])
+    cost = np.asarray([policy.offer_cost(offer, o.discount, float(o.redeemed), config)
+                       for o, offer in zip(outcomes, got, strict=True)])
+    converted = np.asarray([o.converted for o in outcomes], dtype=np.float64)
+    return margin, margin * converted - cost
+
+
 def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
     """The log's complete rows: closed, not evicted, and old enough that a row which did not
     convert has closed too. A conversion closes its window at once, a window without one only
@@ -112,11 +124,7 @@ def read_log(outcomes: Sequence[Outcome], config: PolicyConfig) -> Log:
     if (probability <= 0).any():
         raise ValueError("a decision's offer has probability 0 under the settings: the log was "
                          "written with another policy.holdout_percent than the one set now")
-    margin = np.asarray([margin_of(o.features, config) for o in kept])
-    # What was actually paid: a redeemed coupon's discount, a push's cost.
-    cost = np.asarray([policy.offer_cost(offer, o.discount, float(o.redeemed), config)
-                       for o, offer in zip(kept, got, strict=True)])
-    reward = margin * np.asarray([o.converted for o in kept], dtype=np.float64) - cost
+    margin, reward = realized(kept, got, config)
     discount: dict[str, float] = {}
     for tier in policy.COUPON_TIERS:
         granted = [o.discount for o, offer in zip(kept, got, strict=True) if offer == tier]

@@ -224,8 +224,9 @@ class Harness:
         return self._counted(asyncio.run(self.pipeline.check_carts()))
 
     def _counted(self, result: BatchResult) -> BatchResult:
-        for outcome in result.outcomes:
-            self.offer_stats.add(outcome)
+        if self.pipeline.offer_stats is not None:  # policy.thompson_sampling reads them
+            for outcome in result.outcomes:
+                self.offer_stats.add(outcome)
         return result
 
     def redeliver_forwarded(self) -> BatchResult:

@@ -150,9 +150,7 @@ async def read_snapshot(kafka: KafkaSettings, topic: str,
                                 isolation_level="read_committed")
     try:
         await consumer.start()
-        tps = await _all_partitions(consumer, kafka, topic)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        tps = await _assign_from_beginning(consumer, kafka, topic)
         start = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         total = sum(end[tp] - start[tp] for tp in tps)
@@ -179,8 +177,9 @@ async def read_snapshot(kafka: KafkaSettings, topic: str,
     return {tp.partition: end[tp] for tp in tps}
 
 
-async def _all_partitions(consumer: AIOKafkaConsumer, kafka: KafkaSettings,
-                          topic: str) -> list[TopicPartition]:
+async def _assign_from_beginning(consumer: AIOKafkaConsumer, kafka: KafkaSettings,
+                                 topic: str) -> list[TopicPartition]:
+    """Assign the started ``consumer`` every partition of ``topic``, at the beginning."""
     from aiokafka import TopicPartition
 
     partitions = consumer.partitions_for_topic(topic)
@@ -189,7 +188,10 @@ async def _all_partitions(consumer: AIOKafkaConsumer, kafka: KafkaSettings,
         partitions = consumer.partitions_for_topic(topic)
     if not partitions:
         raise TopicMissing(f"topic {topic!r} not found on {kafka.bootstrap_servers}")
-    return [TopicPartition(topic, p) for p in sorted(partitions)]
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return tps
 
 
 async def follow_topic(kafka: KafkaSettings, topic: str,
@@ -206,22 +208,18 @@ async def follow_topic(kafka: KafkaSettings, topic: str,
                                 isolation_level="read_committed")
     await consumer.start()
     try:
-        tps = await _all_partitions(consumer, kafka, topic)
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        tps = await _assign_from_beginning(consumer, kafka, topic)
         end = await consumer.end_offsets(tps)
-        caught_up = on_caught_up is None
+        not_yet_told = on_caught_up
         while True:
             batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
             for records in batch.values():
                 for record in records:
                     handle(record.key, record.value)
-            if not caught_up:
-                positions = [await consumer.position(tp) for tp in tps]
-                if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                    caught_up = True
-                    assert on_caught_up is not None
-                    on_caught_up()
+            if not_yet_told is not None and all(
+                    [await consumer.position(tp) >= end[tp] for tp in tps]):
+                not_yet_told()
+                not_yet_told = None
     finally:
         await consumer.stop()
 
